@@ -6,6 +6,7 @@ copied into the repo; a missing folder is a hard error, not a skip.
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Dynamic modules (trust_remote_code) and caches go to a fresh temp dir, never ~/.cache. transformers
+# reads these when it is first imported, so they are set here, before any test module imports it.
+_HF_HOME = tempfile.mkdtemp(prefix="vcf_hf_home_")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -36,12 +42,3 @@ def golden_path(name: str) -> Path:
 @pytest.fixture(scope="session")
 def golden():
     return golden_path
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_hf_home(tmp_path_factory):
-    """Dynamic modules (trust_remote_code) and caches go to a temp dir, never ~/.cache."""
-    home = tmp_path_factory.mktemp("hf_home")
-    os.environ["HF_HOME"] = str(home)
-    os.environ["HF_MODULES_CACHE"] = str(home / "modules")
-    yield
