@@ -1,0 +1,367 @@
+"""UMT ViT video encoder of VideoChat-Flash (Unmasked Teacher ViT-L/16, tubelet 1).
+
+A plain pre-norm ViT without class token whose patch sequence covers a whole clip: a `(T, 3, S, S)` clip becomes
+one sequence of `T * (S / p)^2` tokens, so attention mixes space and time. Positions are fixed 1-D sinusoids over
+that flattened (frame, row, column) index; single images use a separate one-frame table.
+
+Module tree (and so the state-dict keys, relative to `UMTVisionTower`)::
+
+    vision_tower.encoder.patch_embed.proj            Conv3d, kernel (1, p, p)
+    vision_tower.encoder.blocks.N.{norm1, attn, norm2, mlp}
+    vision_tower.encoder.vision_layernorm
+
+Only the blocks up to the selected feature layer are built: with `num_hidden_layers=24` and `select_layer=-2`
+the tower has 23 blocks, and its output is the 23rd block's output passed through `vision_layernorm`.
+
+This file is self-contained (torch + transformers utilities only): the Hub export copies it as
+`vision_tower_umt.py`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import logging
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+logger = logging.get_logger(__name__)
+
+# The released UMT weights were pretrained on 4-frame clips of 224 px frames with 16 px patches; the sinusoid
+# table is defined on that grid and resampled for other clip lengths / resolutions, as the original does.
+PRETRAIN_NUM_FRAMES = 4
+PRETRAIN_GRID_SIZE = 14
+PRETRAIN_IMAGE_SIZE = 224
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+# ----------------------------------------------------------------------------------------- position tables
+def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
+    """Transformer sinusoids: `(num_positions, dim)` float32.
+
+    Column `j` holds `sin` (even j) or `cos` (odd j) of `pos / 10000^(2 * (j // 2) / dim)`. Computed in float64
+    and rounded once to float32, like the original (which builds it in numpy float64).
+    """
+    positions = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    exponents = torch.tensor([2 * (j // 2) / dim for j in range(dim)], dtype=torch.float64)
+    angles = positions / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponents)
+    table = torch.empty_like(angles)
+    table[:, 0::2] = torch.sin(angles[:, 0::2])
+    table[:, 1::2] = torch.cos(angles[:, 1::2])
+    return table.to(torch.float32)
+
+
+def resize_grid(table: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Bicubically resample the spatial grid of a `(frames, g, g, C)` table to `(frames, grid_size, grid_size, C)`."""
+    if table.shape[1] == grid_size:
+        return table
+    resized = F.interpolate(table.permute(0, 3, 1, 2), size=(grid_size, grid_size), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1)
+
+
+def resize_frames(table: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Linearly resample the time axis of a `(t, g, g, C)` table to `(num_frames, g, g, C)`."""
+    t, g, _, c = table.shape
+    if t == num_frames:
+        return table
+    per_position = table.permute(1, 2, 3, 0).reshape(g * g, c, t)  # interpolate along the last axis
+    resized = F.interpolate(per_position, size=num_frames, mode="linear", align_corners=False)
+    return resized.reshape(g, g, c, num_frames).permute(3, 0, 1, 2)
+
+
+def build_position_table(num_frames: int, grid_size: int, dim: int, image_size: int) -> torch.Tensor:
+    """Fixed position table of a clip, `(num_frames * grid_size^2, dim)` float32, token order (frame, row, col).
+
+    `num_frames=1` gives the image table: a separate one-frame sinusoid (positions 0..g^2-1), not a slice of the
+    video table resampled in time. Mirrors the original's two construction paths:
+
+    * 224 px towers: the sinusoid is laid out directly on the tower's own grid (for the pretraining clip length,
+      `PRETRAIN_NUM_FRAMES`, or one frame for images);
+    * any other resolution: it is laid out on the pretraining 14x14 grid and resized bicubically per frame (e.g.
+      to 28x28 at 448 px).
+
+    Then, for videos whose clip length differs from `PRETRAIN_NUM_FRAMES`, the time axis is resized linearly.
+    """
+    base_frames = 1 if num_frames == 1 else PRETRAIN_NUM_FRAMES
+    base_grid = grid_size if image_size == PRETRAIN_IMAGE_SIZE else PRETRAIN_GRID_SIZE
+    table = sinusoid_table(base_frames * base_grid * base_grid, dim).reshape(base_frames, base_grid, base_grid, dim)
+    table = resize_frames(resize_grid(table, grid_size), num_frames)
+    return table.reshape(num_frames * grid_size * grid_size, dim)
+
+
+# ----------------------------------------------------------------------------------------------- layers
+class UMTPatchEmbedding(nn.Module):
+    """Non-overlapping `p x p` patches of every frame, projected to `hidden_size` (tubelet size 1).
+
+    The weight is stored as a Conv3d with kernel `(1, p, p)` (the checkpoint layout); since the temporal kernel
+    is 1 the forward runs it as a Conv2d over all frames at once, which is the same math and avoids the slower
+    3-D convolution and a `(B, 3, T, S, S)` copy of the input.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, num_channels: int = 3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(
+            num_channels, hidden_size, kernel_size=(1, patch_size, patch_size), stride=(1, patch_size, patch_size)
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, T, 3, S, S)` -> `(B, T * (S/p)^2, C)`, tokens ordered (frame, row, column)."""
+        batch_size, num_frames = pixel_values.shape[:2]
+        frames = pixel_values.flatten(0, 1)  # (B*T, 3, S, S)
+        patches = F.conv2d(frames, self.proj.weight.squeeze(2), self.proj.bias, stride=self.patch_size)
+        patches = patches.flatten(2).transpose(1, 2)  # (B*T, L, C)
+        return patches.reshape(batch_size, num_frames * patches.shape[1], patches.shape[2])
+
+
+class UMTAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv weight, learned q and v biases and a fixed zero k bias."""
+
+    def __init__(self, hidden_size: int, num_heads: int, attn_implementation: str = "sdpa"):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_implementation = attn_implementation
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(hidden_size))
+        self.v_bias = nn.Parameter(torch.zeros(hidden_size))
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def _use_flash(self, hidden_states: torch.Tensor) -> bool:
+        return (
+            self.attn_implementation == "flash_attention_2"
+            and flash_attn_func is not None
+            and hidden_states.is_cuda
+            and hidden_states.dtype in (torch.float16, torch.bfloat16)
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(B, N, C)` -> `(B, N, C)`."""
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(hidden_states, self.qkv.weight, qkv_bias)
+        qkv = qkv.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+
+        if self._use_flash(hidden_states):
+            query, key, value = qkv.unbind(2)  # (B, N, H, D) each: flash-attn's layout
+            attn_output = flash_attn_func(query, key, value, softmax_scale=self.scale, causal=False)
+        else:
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) each
+            if self.attn_implementation == "eager":
+                weights = torch.softmax((query * self.scale) @ key.transpose(-2, -1), dim=-1)
+                attn_output = weights @ value
+            else:
+                attn_output = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
+            attn_output = attn_output.transpose(1, 2)  # (B, N, H, D)
+
+        return self.proj(attn_output.reshape(batch_size, seq_len, hidden_size))
+
+
+class UMTMLP(nn.Module):
+    """Linear -> GELU (exact erf) -> Linear."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class UMTBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block. The released model has no layer scale (init_values 0) and, at inference, no
+    dropout or drop-path, so none are built."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = UMTAttention(hidden_size, num_heads, attn_implementation)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = UMTMLP(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(B, N, C)` -> `(B, N, C)`. Takes the hidden states positionally (gradient checkpointing needs it)."""
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states))
+        hidden_states = hidden_states + self.mlp(self.norm2(hidden_states))
+        return hidden_states
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+class UMTEncoder(nn.Module):
+    """Patch embedding + fixed positions + the built blocks + final LayerNorm."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_blocks: int,
+        num_attention_heads: int,
+        patch_size: int,
+        image_size: int,
+        num_frames: int,
+        mlp_ratio: float,
+        attn_implementation: str,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.hidden_size = hidden_size
+        self.image_size = image_size
+        self.grid_size = image_size // patch_size
+        self.num_frames = num_frames
+        self.patch_embed = UMTPatchEmbedding(hidden_size, patch_size)
+        self.blocks = nn.ModuleList(
+            [UMTBlock(hidden_size, num_attention_heads, mlp_ratio, attn_implementation) for _ in range(num_blocks)]
+        )
+        self.vision_layernorm = nn.LayerNorm(hidden_size, eps=1e-12)
+        # Fixed tables are neither parameters nor buffers: transformers builds models on the meta device and would
+        # leave non-persistent buffers uninitialised. They are computed on first use, per (kind, device, dtype).
+        self._position_tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def position_table(self, kind: str, device=None, dtype=torch.float32) -> torch.Tensor:
+        """`(1, N, C)` table for `kind="video"` (N = num_frames * g^2) or `kind="image"` (N = g^2)."""
+        if kind not in ("video", "image"):
+            raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        key = (kind, device, dtype)
+        if key not in self._position_tables:
+            master_key = (kind, torch.device("cpu"), torch.float32)
+            if master_key not in self._position_tables:
+                # Always built on the CPU in float32 (as the original), then moved: same values on every device.
+                frames = self.num_frames if kind == "video" else 1
+                table = build_position_table(frames, self.grid_size, self.hidden_size, self.image_size)
+                self._position_tables[master_key] = table[None]
+            self._position_tables[key] = self._position_tables[master_key].to(device=device, dtype=dtype)
+        return self._position_tables[key]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, T, 3, S, S)` -> `(B, T * (S/p)^2, C)`. T == 1 uses the image table, T == num_frames the video one."""
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values must be (batch, frames, 3, S, S), got shape {tuple(pixel_values.shape)}")
+        num_frames, height, width = pixel_values.shape[1], pixel_values.shape[-2], pixel_values.shape[-1]
+        if height != self.image_size or width != self.image_size:
+            raise ValueError(f"frames must be {self.image_size}x{self.image_size} pixels, got {height}x{width}")
+        if num_frames == 1:
+            kind = "image"
+        elif num_frames == self.num_frames:
+            kind = "video"
+        else:
+            raise ValueError(
+                f"got clips of {num_frames} frames: the video position table is built for {self.num_frames}-frame "
+                "clips (mm_local_num_frames); pass single frames (T=1) or clips of exactly that length"
+            )
+
+        hidden_states = self.patch_embed(pixel_values)
+        hidden_states = hidden_states + self.position_table(kind, hidden_states.device, hidden_states.dtype)
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return self.vision_layernorm(hidden_states)
+
+
+class UMTVisionTransformer(nn.Module):
+    """Holds the encoder under `.encoder` (the checkpoint's key layout)."""
+
+    def __init__(self, **encoder_kwargs):
+        super().__init__()
+        self.encoder = UMTEncoder(**encoder_kwargs)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values)
+
+
+class UMTVisionTower(nn.Module):
+    """UMT ViT feature extractor used by VideoChat-Flash.
+
+    Args:
+        hidden_size: token width (1024 for ViT-L).
+        num_hidden_layers: nominal depth of the pretrained ViT (24 for ViT-L).
+        num_attention_heads: attention heads (16 for ViT-L).
+        patch_size: square patch side in pixels.
+        image_size: frame side in pixels (224 or 448 for the released checkpoints).
+        num_frames: clip length the video position table is built for (`mm_local_num_frames`, 4).
+        select_layer: which block's output is returned, Python-index style over the nominal depth; only
+            `num_hidden_layers + select_layer + 1` blocks are built (the rest would never run).
+        mlp_ratio: MLP width / hidden size.
+        attn_implementation: `"sdpa"` (default), `"eager"`, or `"flash_attention_2"` (used when flash-attn is
+            installed and the input is fp16/bf16 on CUDA, otherwise sdpa).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_hidden_layers: int,
+        num_attention_heads: int,
+        patch_size: int = 16,
+        image_size: int = 224,
+        num_frames: int = 4,
+        select_layer: int = -2,
+        mlp_ratio: float = 4.0,
+        attn_implementation: str = "sdpa",
+    ):
+        super().__init__()
+        num_blocks = num_hidden_layers + select_layer + 1
+        if not (select_layer < 0 and num_blocks > 0):
+            raise ValueError(
+                f"select_layer must be in [-{num_hidden_layers}, -1] (-1 = last of the {num_hidden_layers} layers), "
+                f"got {select_layer}"
+            )
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be positive, got {num_frames}")
+        self._check_attn_implementation(attn_implementation)
+        self.hidden_size = hidden_size
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_frames = num_frames
+        self.num_blocks = num_blocks
+        self.vision_tower = UMTVisionTransformer(
+            hidden_size=hidden_size,
+            num_blocks=num_blocks,
+            num_attention_heads=num_attention_heads,
+            patch_size=patch_size,
+            image_size=image_size,
+            num_frames=num_frames,
+            mlp_ratio=mlp_ratio,
+            attn_implementation=attn_implementation,
+        )
+
+    @staticmethod
+    def _check_attn_implementation(attn_implementation: str):
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+        if attn_implementation == "flash_attention_2" and flash_attn_func is None:
+            logger.warning_once("flash_attn is not installed: the UMT vision tower falls back to sdpa attention")
+
+    def set_attn_implementation(self, attn_implementation: str):
+        """Switch the attention kernel of every block (results agree to float rounding)."""
+        self._check_attn_implementation(attn_implementation)
+        for module in self.modules():
+            if isinstance(module, UMTAttention):
+                module.attn_implementation = attn_implementation
+
+    @property
+    def num_patches_per_frame(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def position_table(self, kind: str, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The fixed `(1, N, C)` position table added for `kind="video"` or `kind="image"` inputs."""
+        return self.vision_tower.encoder.position_table(kind, device, dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encode clips or single frames.
+
+        Args:
+            pixel_values: `(B, T, 3, S, S)` normalised pixels; `T == 1` is an image (image position table),
+                `T == num_frames` a clip (video position table).
+        Returns:
+            `(B, T * L, C)` features, `L = (S / patch_size)^2`, tokens ordered (frame, row, column).
+        """
+        return self.vision_tower(pixel_values)
