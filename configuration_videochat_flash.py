@@ -133,5 +133,10 @@ class VideoChatFlashQwenConfig(VideoChatFlashConfig):
 
     model_type = "videochat_flash_qwen"
 
+    # Spelled out: transformers turns config subclasses into dataclasses, which would otherwise generate an
+    # __init__ from the Qwen2 fields and skip ours.
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
 
 __all__ = ["VideoChatFlashConfig", "VideoChatFlashQwenConfig"]

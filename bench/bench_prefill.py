@@ -1,0 +1,94 @@
+"""Prefill time with and without in-LLM visual token dropping.
+
+A Qwen2-0.5B-shaped random LLM (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936) reads a
+prompt of 4,096 visual tokens (256 frames) plus text. Visual features are random and passed pre-computed, so
+only the LLM is timed. Dropping uses the model card's settings (uniform0_attention, layers [4, 18],
+ratios [1, 0.75, 0.25]) and, for reference, the config default schedule. The ratios are printed last.
+
+    python bench/bench_prefill.py [--dtype float32|bfloat16] [--visual-tokens 4096] [--repeats 2]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
+
+from configuration_videochat_flash import VideoChatFlashConfig  # noqa: E402
+from modeling_videochat_flash import VideoChatFlashForCausalLM  # noqa: E402
+
+QWEN2_0_5B = {
+    "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+    "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+    "max_position_embeddings": 32768,
+}
+SMALL_TOWER = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "patch_size": 16, "image_size": 128}
+SETTINGS = {
+    "no dropping": {"mm_llm_compress": False},
+    "model card (uniform0_attention [4,18] [1,.75,.25])": {
+        "mm_llm_compress": True, "llm_compress_type": "uniform0_attention",
+        "llm_compress_layer_list": [4, 18], "llm_image_token_ratio_list": [1.0, 0.75, 0.25],
+    },
+    "attention [8,16] [1,.5,.25]": {
+        "mm_llm_compress": True, "llm_compress_type": "attention",
+        "llm_compress_layer_list": [8, 16], "llm_image_token_ratio_list": [1.0, 0.5, 0.25],
+    },
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--visual-tokens", type=int, default=4096)
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    config = VideoChatFlashConfig(**QWEN2_0_5B, mm_vision_tower="umt-large", vision_config=SMALL_TOWER)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.device("cpu"):
+        model = VideoChatFlashForCausalLM(config).to(dtype).eval()
+    print(f"built a {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameter model in "
+          f"{time.perf_counter() - start:.1f} s ({args.dtype}, {torch.get_num_threads()} threads)")
+
+    half = args.text_tokens // 2
+    input_ids = torch.cat([
+        torch.randint(0, 150000, (half,)),
+        torch.full((args.visual_tokens,), config.video_token_id),
+        torch.randint(0, 150000, (args.text_tokens - half,)),
+    ])[None]
+    features = BaseModelOutputWithPooling(pooler_output=(torch.randn(args.visual_tokens, 896, dtype=dtype),))
+
+    def prefill():
+        with torch.inference_mode():
+            model(input_ids, mm_encoder_outputs={"video": features}, use_cache=True, logits_to_keep=1)
+
+    timings = {}
+    for name, overrides in SETTINGS.items():
+        for key, value in overrides.items():
+            setattr(model.config, key, value)
+        prefill()  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            prefill()
+            runs.append(time.perf_counter() - start)
+        timings[name] = min(runs)
+        print(f"{name:55s} prefill {timings[name]:6.2f} s  (best of {args.repeats})")
+
+    base = timings["no dropping"]
+    print(f"\nprompt: {args.visual_tokens} visual + {args.text_tokens} text tokens, {args.dtype}")
+    for name, seconds in timings.items():
+        if name != "no dropping":
+            print(f"speedup {name}: {base / seconds:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Core model: goldens of the original implementation, checkpoint layouts, batching, token dropping, training."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, golden_path
+from configuration_videochat_flash import VideoChatFlashConfig
+from modeling_videochat_flash import DROP_STATE_ATTRIBUTE, VideoChatFlashForCausalLM
+from tiny_model import TINY_SPECIAL_IDS, build_tiny_model
+
+GOLDEN_VIDEO_TOKEN_ID = 259  # the id the processor gives its video placeholder in the byte-level tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ goldens
+def golden_full_model():
+    sidecar = json.loads(golden_path("full_model_video8_nocompress.json").read_text())
+    tensors = load_file(golden_path("full_model_video8_nocompress.safetensors"))
+    dims = sidecar["vision_dims"]
+    original = dict(sidecar["config"])
+    config = VideoChatFlashConfig(
+        **original,
+        vision_config={
+            "hidden_size": dims["embed_dim"],
+            "num_hidden_layers": dims["depth"],
+            "num_attention_heads": dims["num_heads"],
+            "patch_size": dims["patch_size"],
+            "image_size": 224,
+        },
+        video_token_id=GOLDEN_VIDEO_TOKEN_ID,
+    )
+    model = VideoChatFlashForCausalLM(config).eval()
+    weights = {k: v for k, v in tensors.items() if not k.startswith(("input.", "output.", "aux."))}
+    missing, unexpected = model.load_state_dict(weights, strict=True)
+    assert not missing and not unexpected
+    return model, tensors
+
+
+def expand_golden_ids(input_ids, num_visual_tokens):
+    """The golden marks the video slot with one -200; our convention is one placeholder per visual token."""
+    ids = input_ids[0].tolist()
+    slot = ids.index(-200)
+    expanded = ids[:slot] + [GOLDEN_VIDEO_TOKEN_ID] * num_visual_tokens + ids[slot + 1 :]
+    return torch.tensor([expanded])
+
+
+@pytest.fixture(scope="module")
+def golden_model():
+    return golden_full_model()
+
+
+def test_golden_prefill_logits_and_greedy_ids(golden_model):
+    model, tensors = golden_model
+    pixels = tensors["input.pixel_values"]  # (8, 3, 224, 224)
+    input_ids = expand_golden_ids(tensors["input.input_ids"], 16 * pixels.shape[0])
+    with torch.no_grad():
+        features = model.get_video_features(pixels[None])
+        assert torch.allclose(features[0], tensors["aux.visual_features"].reshape(-1, 64), atol=2e-5)
+        logits = model(input_ids, pixel_values_videos=pixels[None], use_cache=False).logits
+    expected = tensors["output.prefill_logits"]
+    assert logits.shape == expected.shape
+    diff = (logits - expected).abs().max().item()
+    print(f"golden prefill logits max abs diff: {diff:.2e}")
+    assert diff < 1e-4
+
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids, pixel_values_videos=pixels[None], max_new_tokens=8, min_new_tokens=8, do_sample=False,
+            output_scores=True, return_dict_in_generate=True,
+        )
+    new_tokens = generated.sequences[:, input_ids.shape[1] :]
+    assert new_tokens.tolist() == tensors["output.generated_ids"].tolist()
+    step_logits = torch.cat(generated.scores)
+    assert (step_logits - tensors["output.generate_step_logits"]).abs().max().item() < 1e-4
+
+
+def test_golden_eager_matches_sdpa(golden_model):
+    model, tensors = golden_model
+    pixels = tensors["input.pixel_values"][None]
+    input_ids = expand_golden_ids(tensors["input.input_ids"], 16 * pixels.shape[1])
+    with torch.no_grad():
+        sdpa = model(input_ids, pixel_values_videos=pixels, use_cache=False).logits
+        model.config._attn_implementation = "eager"
+        try:
+            eager = model(input_ids, pixel_values_videos=pixels, use_cache=False).logits
+        finally:
+            model.config._attn_implementation = "sdpa"
+    assert (sdpa - eager).abs().max().item() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+MANIFESTS = sorted(p.name for p in golden_path("README.md").parent.glob("keys_*.json"))
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS)
+def test_checkpoint_manifest_keys_and_shapes(manifest):
+    spec = json.loads(golden_path(manifest).read_text())
+    config = VideoChatFlashConfig(**spec["config_used"])
+    with torch.device("meta"):
+        model = VideoChatFlashForCausalLM(config)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: tuple(v["shape"]) for k, v in spec["keys"].items()}
+    assert set(ours) == set(expected), (sorted(set(ours) - set(expected))[:5], sorted(set(expected) - set(ours))[:5])
+    assert ours == expected
+    if config.tie_word_embeddings:  # the 2B checkpoint ties lm_head to the embedding
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+VIDEO_ID = TINY_SPECIAL_IDS["video_token_id"]
+PAD_ID = TINY_SPECIAL_IDS["pad_token_id"]
+
+
+def make_sample(num_frames, before, after, seed):
+    """Random text around a video placeholder run, and random frames (tiny model: 128 px)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.cat([
+        torch.randint(0, 256, (before,), generator=generator),
+        torch.full((16 * num_frames,), VIDEO_ID),
+        torch.randint(0, 256, (after,), generator=generator),
+    ])
+    frames = torch.randn(num_frames, 3, 128, 128, generator=generator)
+    return ids, frames
+
+
+def left_pad(sequences):
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), PAD_ID)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = seq
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_model(seed=0)
+
+
+def set_dropping(model, enabled):
+    model.config.mm_llm_compress = enabled
+
+
+@pytest.mark.parametrize("dropping", [False, True])
+def test_left_padded_batch_equals_single_runs(tiny, dropping):
+    set_dropping(tiny, dropping)
+    samples = [make_sample(8, 5, 9, seed=1), make_sample(12, 3, 14, seed=2)]
+    try:
+        with torch.no_grad():
+            singles = [tiny(ids[None], pixel_values_videos=[frames], use_cache=False).logits[0] for ids, frames in samples]
+            ids, mask = left_pad([s[0] for s in samples])
+            batched = tiny(ids, attention_mask=mask, pixel_values_videos=[s[1] for s in samples], use_cache=False)
+            for row, single in enumerate(singles):
+                real = batched.logits[row, -single.shape[0] :]
+                assert (real - single).abs().max().item() < 1e-4
+            single_ids = [
+                tiny.generate(ids_[None], pixel_values_videos=[frames], max_new_tokens=6, do_sample=False)[0, len(ids_) :]
+                for ids_, frames in samples
+            ]
+            batch_ids = tiny.generate(
+                ids, attention_mask=mask, pixel_values_videos=[s[1] for s in samples], max_new_tokens=6, do_sample=False
+            )[:, ids.shape[1] :]
+    finally:
+        set_dropping(tiny, False)
+    for row, expected in enumerate(single_ids):
+        assert batch_ids[row].tolist() == expected.tolist()
+
+
+def test_flat_video_layout_with_frame_counts(tiny):
+    (ids_a, frames_a), (ids_b, frames_b) = make_sample(4, 2, 3, seed=3), make_sample(8, 2, 3, seed=4)
+    with torch.no_grad():
+        as_list = tiny.get_video_features([frames_a, frames_b])
+        flat = tiny.get_video_features(torch.cat([frames_a, frames_b]), video_frame_counts=torch.tensor([4, 8]))
+    assert [t.shape[0] for t in as_list] == [64, 128]
+    for a, b in zip(as_list, flat):
+        assert torch.equal(a, b)
+
+
+def test_token_dropping_stages_positions_and_cached_decoding():
+    model = build_tiny_model(seed=5, mm_llm_compress=True, llm_compress_layer_list=[1, 3],
+                             llm_image_token_ratio_list=[1, 0.75, 0.25], llm_compress_type="uniform0_attention")
+    ids, frames = make_sample(8, 6, 11, seed=6)
+    n = 16 * 8
+    with torch.no_grad():
+        out = model(ids[None], pixel_values_videos=[frames], use_cache=True, output_hidden_states=True)
+    lengths = [h.shape[1] for h in out.hidden_states]
+    full = len(ids)
+    # input of layers 0..3, then the final norm: a drop after layer 1 and after layer 3
+    assert lengths == [full, full - (n - int(n * 0.75)), full - (n - int(n * 0.75)), full - (n - int(n * 0.25)),
+                       full - (n - int(n * 0.25))]
+    kept = out.kept_token_index[0]
+    assert int((ids[kept] == VIDEO_ID).sum()) == int(n * 0.25)
+    assert torch.all(kept[1:] > kept[:-1])  # original order
+    state = getattr(out.cache if hasattr(out, "cache") else out.past_key_values, DROP_STATE_ATTRIBUTE)
+    assert state.dropped[1].tolist() == [n - int(n * 0.75)] and state.dropped[2].tolist() == [n - int(n * 0.25)]
+    # uniform first stage keeps linspace-spaced tokens
+    with torch.no_grad():
+        cached = model.generate(ids[None], pixel_values_videos=[frames], max_new_tokens=6, do_sample=False)
+        uncached = model.generate(ids[None], pixel_values_videos=[frames], max_new_tokens=6, do_sample=False,
+                                  use_cache=False, drop_query_position=len(ids) - 1)
+    assert cached.tolist() == uncached.tolist()
+    # eager attention equals sdpa with dropping on
+    with torch.no_grad():
+        sdpa = model(ids[None], pixel_values_videos=[frames], use_cache=False).logits
+        model.config._attn_implementation = "eager"
+        eager = model(ids[None], pixel_values_videos=[frames], use_cache=False).logits
+        model.config._attn_implementation = "sdpa"
+    assert (sdpa - eager).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("compress_type", ["attention", "uniform", "uniform0_attention", "uniform1_attention"])
+def test_every_drop_type_keeps_int_n_ratio(compress_type):
+    model = build_tiny_model(seed=7, mm_llm_compress=True, llm_compress_layer_list=[1, 2, 3],
+                             llm_image_token_ratio_list=[1, 0.6, 0.3, 0.1], llm_compress_type=compress_type)
+    ids, frames = make_sample(4, 2, 5, seed=8)
+    with torch.no_grad():
+        out = model(ids[None], pixel_values_videos=[frames], use_cache=False, output_hidden_states=True)
+    n, full = 64, len(ids)
+    assert [h.shape[1] for h in out.hidden_states[1:4]] == [full - n + int(n * r) for r in (0.6, 0.3, 0.1)]
+    assert torch.isfinite(out.logits).all()
+
+
+def test_dropping_settings_are_validated():
+    model = build_tiny_model(seed=0, mm_llm_compress=True, llm_compress_layer_list=[4],
+                             llm_image_token_ratio_list=[1, 0.5])
+    ids, frames = make_sample(4, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="llm_compress_layer_list"):
+        model(ids[None], pixel_values_videos=[frames])
+
+
+def test_errors_name_the_numbers(tiny):
+    ids, frames = make_sample(8, 2, 2, seed=0)
+    with pytest.raises(ValueError, match=r"128 video tokens.*64 visual tokens"):
+        tiny(ids[None], pixel_values_videos=[frames[:4]])
+    with pytest.raises(ValueError, match="6 frames.*multiple of 4"):
+        tiny(ids[None, :100], pixel_values_videos=[frames[:6]])
+
+
+def test_text_only_and_images(tiny):
+    with torch.no_grad():
+        text = tiny(torch.randint(0, 256, (2, 7))).logits
+        assert text.shape == (2, 7, 512)
+        image_id = TINY_SPECIAL_IDS["image_token_id"]
+        ids = torch.cat([torch.tensor([1, 2]), torch.full((64,), image_id), torch.tensor([3]),
+                         torch.full((64,), image_id), torch.tensor([4])])
+        out = tiny(ids[None], pixel_values=torch.randn(2, 3, 128, 128))
+    assert torch.isfinite(out.logits).all() and out.logits.shape[1] == len(ids)
+
+
+def test_bfloat16_forward_on_cpu():
+    model = build_tiny_model(seed=9).to(torch.bfloat16)
+    ids, frames = make_sample(4, 3, 3, seed=10)
+    with torch.no_grad():
+        logits = model(ids[None], pixel_values_videos=[frames.to(torch.bfloat16)]).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def _loss_and_grads(model, ids, frames, labels):
+    model.zero_grad()
+    loss = model(ids[None], pixel_values_videos=[frames], labels=labels[None]).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dropping", [False, True])
+def test_loss_backward_and_gradient_checkpointing(dropping):
+    model = build_tiny_model(seed=11, mm_llm_compress=dropping, llm_compress_type="attention").train()
+    ids, frames = make_sample(4, 4, 12, seed=12)
+    labels = ids.clone()
+    labels[: len(ids) - 8] = -100  # the answer is the last 8 tokens
+    loss, grads = _loss_and_grads(model, ids, frames, labels)
+    assert torch.isfinite(loss)
+    for part in ("model.vision_tower.", "model.mm_projector.", "model.layers.0.", "lm_head."):
+        assert any(name.startswith(part) and g.abs().sum() > 0 for name, g in grads.items()), part
+    model.gradient_checkpointing_enable()
+    loss_ckpt, grads_ckpt = _loss_and_grads(model, ids, frames, labels)
+    assert abs(loss.item() - loss_ckpt.item()) < 1e-5
+    assert grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        assert (grads[name] - grads_ckpt[name]).abs().max().item() < 1e-5, name
+
+
+def test_labels_ignore_visual_and_padding_positions(tiny):
+    ids, frames = make_sample(4, 3, 5, seed=13)
+    padded, mask = left_pad([ids, ids[:3]])  # second row: text only, short
+    labels = padded.clone()  # the caller forgot to mask placeholders and padding
+    with torch.no_grad():
+        out = tiny(padded[:1], attention_mask=mask[:1], pixel_values_videos=[frames], labels=labels[:1])
+        manual = labels[:1].masked_fill((padded[:1] == VIDEO_ID) | (mask[:1] == 0), -100)
+        expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], manual[0, 1:], ignore_index=-100)
+    assert abs(out.loss.item() - expected.item()) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ hygiene
+def test_no_cuda_calls_and_guarded_flash_attn():
+    sources = [p for p in REPO_ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    for path in sources:
+        text = path.read_text()
+        assert ".cuda()" not in text, path
+        for match in re.finditer(r"^(\s*)(import flash_attn|from flash_attn)", text, flags=re.MULTILINE):
+            preceding = text[: match.start()].splitlines()[-3:]
+            assert match.group(1) and any(line.strip().startswith("try:") for line in preceding), path
+
+
+# ------------------------------------------------------------------------------------------------ original folder
+ORIGINAL_AUTO_MAP = {
+    "AutoConfig": "configuration_videochat_flash.VideoChatFlashQwenConfig",
+    "AutoModel": "modeling_videochat_flash.VideoChatFlashQwenForCausalLM",
+    "AutoModelForCausalLM": "modeling_videochat_flash.VideoChatFlashQwenForCausalLM",
+}
+
+
+def write_original_format_folder(folder: Path):
+    """A checkpoint folder as the original publishes it: original config fields, model_type, architectures and
+    auto_map, and one model.safetensors with the original key names (from the golden weights)."""
+    from safetensors.torch import save_file
+
+    from hub_export import copy_code_files
+
+    sidecar = json.loads(golden_path("full_model_video8_nocompress.json").read_text())
+    tensors = load_file(golden_path("full_model_video8_nocompress.safetensors"))
+    config = dict(sidecar["config"])
+    dims = sidecar["vision_dims"]
+    config.update(
+        model_type="videochat_flash_qwen",
+        architectures=["VideoChatFlashQwenForCausalLM"],
+        auto_map=ORIGINAL_AUTO_MAP,
+        # the published folders have no explicit tower dims; the small golden tower needs them
+        vision_config={"hidden_size": dims["embed_dim"], "num_hidden_layers": dims["depth"],
+                       "num_attention_heads": dims["num_heads"], "patch_size": dims["patch_size"], "image_size": 224},
+        video_token_id=GOLDEN_VIDEO_TOKEN_ID,
+    )
+    config.pop("_attn_implementation", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    weights = {k: v.contiguous() for k, v in tensors.items() if not k.startswith(("input.", "output.", "aux."))}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    copy_code_files(folder)
+    return tensors
+
+
+def test_original_format_folder_loads_with_auto_class(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tensors = write_original_format_folder(tmp_path / "original")
+    model, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "original", trust_remote_code=True, output_loading_info=True
+    )
+    assert type(model).__module__.startswith("transformers_modules")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    pixels = tensors["input.pixel_values"]
+    input_ids = expand_golden_ids(tensors["input.input_ids"], 16 * pixels.shape[0])
+    with torch.no_grad():
+        logits = model.eval()(input_ids, pixel_values_videos=pixels[None], use_cache=False).logits
+    assert (logits - tensors["output.prefill_logits"]).abs().max().item() < 1e-4
+
+
+def test_config_round_trip_keeps_original_and_unknown_fields(tmp_path):
+    spec = json.loads(golden_path("keys_VideoChat-Flash-Qwen2-7B_res448.json").read_text())
+    config = VideoChatFlashConfig(**spec["config_used"], some_future_field={"kept": True})
+    assert config.vision_config == {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                    "patch_size": 16, "image_size": 448}
+    assert config.some_future_field == {"kept": True} and config.image_grid_pinpoints[0] == [448, 448]
+    assert (config.video_token_id, config.image_token_id) == (151646, 151647)
+    config.save_pretrained(tmp_path)
+    reloaded = VideoChatFlashConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()
+    tiny = VideoChatFlashConfig(mm_vision_tower="umt-large", vision_config={"hidden_size": 32, "num_hidden_layers": 3})
+    assert tiny.vision_config["image_size"] == 224 and tiny.mm_hidden_size == 32
