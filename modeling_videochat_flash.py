@@ -225,10 +225,19 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         outputs = []
         for chunk in torch.split(clips, self.vision_clips_per_batch):
             chunk = chunk.to(device=self.vision_tower_device, dtype=self.vision_tower_dtype)
-            features = self.vision_tower(chunk)  # (clips, frames * patches, width)
+            features = self._run_vision_tower(chunk)  # (clips, frames * patches, width)
             features = features.reshape(chunk.shape[0] * clip_frames, -1, features.shape[-1])
             outputs.append(self.mm_projector(features, compress=True, local_num_frames=clip_frames))
         return torch.cat(outputs)
+
+    def _run_vision_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower follows the model's attention choice (flash/sdpa/eager; anything else runs as sdpa)."""
+        wanted = self.config._attn_implementation
+        wanted = wanted if wanted in ("eager", "sdpa", "flash_attention_2") else "sdpa"
+        if getattr(self, "_vision_attn_implementation", "sdpa") != wanted:
+            self.vision_tower.set_attn_implementation(wanted)
+            self._vision_attn_implementation = wanted
+        return self.vision_tower(pixel_values)
 
     @property
     def vision_tower_device(self):
@@ -267,7 +276,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         if pixel_values.dim() == 3:
             pixel_values = pixel_values[None]
         pixel_values = pixel_values.to(device=self.vision_tower_device, dtype=self.vision_tower_dtype)
-        features = self.vision_tower(pixel_values[:, None])  # single frame -> image position table
+        features = self._run_vision_tower(pixel_values[:, None])  # single frame -> image position table
         tokens = self.mm_projector(features, compress=False)  # (images, 64, hidden)
         features = tuple(tokens)
         return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features

@@ -372,3 +372,27 @@ def test_config_round_trip_keeps_original_and_unknown_fields(tmp_path):
     assert reloaded.to_dict() == config.to_dict()
     tiny = VideoChatFlashConfig(mm_vision_tower="umt-large", vision_config={"hidden_size": 32, "num_hidden_layers": 3})
     assert tiny.vision_config["image_size"] == 224 and tiny.mm_hidden_size == 32
+
+
+def test_eager_reaches_the_vision_tower_and_device_map_auto_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hub_export import copy_code_files
+
+    model = build_tiny_model(seed=14)
+    model.config.auto_map = {"AutoConfig": "configuration_videochat_flash.VideoChatFlashConfig",
+                             "AutoModelForCausalLM": "modeling_videochat_flash.VideoChatFlashForCausalLM"}
+    model.save_pretrained(tmp_path)
+    copy_code_files(tmp_path)
+    ids, frames = make_sample(4, 3, 3, seed=15)
+    with torch.no_grad():
+        expected = model(ids[None], pixel_values_videos=[frames]).logits
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, attn_implementation="eager")
+    spread = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, device_map="auto")
+    with torch.no_grad():
+        eager_logits = eager.eval()(ids[None], pixel_values_videos=[frames]).logits
+        spread_logits = spread.eval()(ids[None], pixel_values_videos=[frames]).logits
+    assert {m.attn_implementation for m in eager.model.vision_tower.modules() if hasattr(m, "attn_implementation")} \
+        == {"eager"}
+    assert (eager_logits - expected).abs().max().item() < 1e-4
+    assert (spread_logits - expected).abs().max().item() < 1e-5
