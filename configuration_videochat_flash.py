@@ -11,9 +11,10 @@ from transformers import Qwen2Config
 VISION_TOWER_IMAGE_SIZE = {"umt-large": 224, "umt-hd-large": 448}
 VIT_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 16}
 
-# The published tokenizers get the placeholder tokens appended (video first, then image) without
-# resizing the embeddings: Qwen2 has 151646 tokens for 152064 rows, Qwen2.5 151665 for 151936.
-DEFAULT_PLACEHOLDER_IDS = {152064: (151646, 151647), 151936: (151665, 151666)}
+# Placeholder ids of the published tokenizers, none of which needs the embeddings resized. Qwen2 (151646
+# tokens for 152064 rows) gets <|video_pad|> and <|image_pad|> appended; Qwen2.5 (151665 tokens for 151936
+# rows) already has both, as ids 151656 and 151655.
+DEFAULT_PLACEHOLDER_IDS = {152064: (151646, 151647), 151936: (151656, 151655)}
 
 LLM_COMPRESS_TYPES = ("attention", "uniform", "uniform0_attention", "uniform1_attention")
 
