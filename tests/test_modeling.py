@@ -193,6 +193,15 @@ def test_token_dropping_stages_positions_and_cached_decoding():
     # input of layers 0..3, then the final norm: a drop after layer 1 and after layer 3
     assert lengths == [full, full - (n - int(n * 0.75)), full - (n - int(n * 0.75)), full - (n - int(n * 0.25)),
                        full - (n - int(n * 0.25))]
+    # positions are renumbered without holes after each drop (captured at the input of the last layer)
+    seen = {}
+    hook = model.model.layers[3].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(positions=kwargs["position_ids"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(ids[None], pixel_values_videos=[frames], use_cache=False)
+    hook.remove()
+    assert seen["positions"][0].tolist() == list(range(full - (n - int(n * 0.25))))
     kept = out.kept_token_index[0]
     assert int((ids[kept] == VIDEO_ID).sum()) == int(n * 0.25)
     assert torch.all(kept[1:] > kept[:-1])  # original order
