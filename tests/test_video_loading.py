@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from conftest import golden_path
+from media import encode, naive_decode, pattern
 
 import video_loading as vl
 from video_loading import (
@@ -63,32 +64,10 @@ def normalise(frames_uint8: np.ndarray) -> np.ndarray:
     return ((x - MEAN) / STD).transpose(0, 3, 1, 2)
 
 
-def naive_decode(path) -> np.ndarray:
-    with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
-def pattern(i: int, w: int, h: int) -> np.ndarray:
-    """A moving colour pattern, different in every frame (cheap enough for UHD frames)."""
-    x, y = np.arange(w, dtype=np.int32)[None, :], np.arange(h, dtype=np.int32)[:, None]
-    out = np.empty((h, w, 3), np.uint8)
-    out[..., 0] = (x * 3 + i * 7) % 256
-    out[..., 1] = (y * 5 + i * 11) % 256
-    out[..., 2] = ((x + y) // 2 + i * 13) % 256
-    return out
 
 
-def encode(path, n, w=96, h=64, fps=25, fmt=None, options=None, codec="libx264", pix_fmt="yuv420p"):
-    with av.open(str(path), "w", format=fmt) as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, pix_fmt
-        s.options = {"preset": "ultrafast", **(options or {})} if codec == "libx264" else (options or {})
-        for i in range(n):
-            for p in s.encode(av.VideoFrame.from_ndarray(pattern(i, w, h), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return str(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -172,7 +151,7 @@ def bframe_videos(tmp_path_factory):
     """B-frames, open GOPs (frames shown before their keyframe), short GOPs: mp4 and mkv."""
     d = tmp_path_factory.mktemp("gop")
     opts = {"bf": "3", "x264-params": "open-gop=1:keyint=20:min-keyint=20:scenecut=0"}
-    return [encode(d / "open_gop.mp4", 300, options=opts), encode(d / "open_gop.mkv", 300, fmt="matroska", options=opts)]
+    return [encode(d / "open_gop.mp4", 300, 96, 64, options=opts), encode(d / "open_gop.mkv", 300, 96, 64, fmt="matroska", options=opts)]
 
 
 @pytest.mark.parametrize("seek", [True, False])
