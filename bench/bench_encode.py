@@ -63,6 +63,7 @@ def main():
     parser.add_argument("--clips-224", type=int, default=4)
     parser.add_argument("--clips-448", type=int, default=1)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     ratios = {}
@@ -74,8 +75,13 @@ def main():
             with torch.inference_mode():  # warm-up both paths on one clip
                 ours(model, clips[:1])
                 plain_loop(model, clips[:1])
-            t_ours, a = timed(ours, model, clips)
-            t_plain, b = timed(plain_loop, model, clips)
+            # The two paths alternate, so load from other processes hits both alike; best of the rounds.
+            t_ours = t_plain = float("inf")
+            for _ in range(args.repeats):
+                seconds, a = timed(ours, model, clips)
+                t_ours = min(t_ours, seconds)
+                seconds, b = timed(plain_loop, model, clips)
+                t_plain = min(t_plain, seconds)
             frames = num_clips * 4
             diff = (a.float() - b.float()).abs().max().item()
             print(f"{image_size} px {dtype_name:8s}: ours {frames / t_ours:6.2f} frames/s, plain loop "
