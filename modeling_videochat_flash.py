@@ -24,10 +24,12 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from transformers.utils import logging
 
 try:  # Hub folder: transformers loads these files as one flat package
+    from .chat_videochat_flash import VideoChatFlashChatMixin
     from .configuration_videochat_flash import VideoChatFlashConfig, VideoChatFlashQwenConfig
     from .vision_tower_token_merging import ToMeProjector
     from .vision_tower_umt import UMTVisionTower
 except ImportError:  # development checkout: top-level modules
+    from chat_videochat_flash import VideoChatFlashChatMixin
     from configuration_videochat_flash import VideoChatFlashConfig, VideoChatFlashQwenConfig
     from vision_tower.token_merging import ToMeProjector
     from vision_tower.umt import UMTVisionTower
@@ -597,7 +599,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         return hidden_states, take(new_positions, 0), updated
 
 
-class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin):
+class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, VideoChatFlashChatMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: VideoChatFlashConfig):

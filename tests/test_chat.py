@@ -1,0 +1,187 @@
+"""model.chat() (the original conversation API), generate() through the chat template, streaming and batching,
+all on the tiny random model and short generated videos."""
+
+import os
+import threading
+
+import pytest
+import torch
+from media import encode
+from transformers import TextIteratorStreamer
+
+from hub_export import make_tiny_folder, tiny_processor
+from modeling_videochat_flash import VideoChatFlashForCausalLM
+
+QUESTION = "What is moving in the video?"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture()
+def model(tiny_dir):
+    """Fresh per test: chat() caches visual tokens on the model."""
+    return VideoChatFlashForCausalLM.from_pretrained(tiny_dir).eval()
+
+
+@pytest.fixture()
+def processor():
+    return tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    # 2 s at 8 fps -> 16 sampled frames; 8, 16 and 24 frames give 8, 16 and 24 sampled frames.
+    return {
+        "main": encode(folder / "main.mp4", 16, fps=8),
+        "a": encode(folder / "a.mp4", 8, fps=8, w=48, h=32),
+        "b": encode(folder / "b.mp4", 16, fps=8, w=64, h=48),
+        "c": encode(folder / "c.mp4", 24, fps=8, w=80, h=64),
+    }
+
+
+def count_tower_calls(model):
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def video_messages(path, question=QUESTION):
+    return [{"role": "user", "content": [{"type": "video", "path": str(path)}, {"type": "text", "text": question}]}]
+
+
+def new_tokens(output, inputs):
+    return output[:, inputs["input_ids"].shape[1] :]
+
+
+def test_chat_answers_and_follow_up_does_not_rerun_the_vision_tower(model, processor, videos):
+    calls = count_tower_calls(model)
+    tokenizer = processor.tokenizer
+    answer, history = model.chat(videos["main"], tokenizer, QUESTION, return_history=True, max_num_frames=512,
+                                 generation_config={"max_new_tokens": 16})
+    assert isinstance(answer, str) and answer == answer.strip() and answer
+    assert len(calls) == 1
+    assert history[0] == {
+        "role": "user",
+        "content": "<image>\nThe video lasts for 2.00 seconds, and 16 frames are uniformly sampled from it. " + QUESTION,
+    }
+    assert history[1] == {"role": "assistant", "content": answer}
+
+    second, history2 = model.chat(videos["main"], tokenizer, "And then?", chat_history=history,
+                                  generation_config={"max_new_tokens": 16})
+    assert history2 is history and len(history) == 4  # extended in place, like the original
+    assert history[2:] == [{"role": "user", "content": "And then?"}, {"role": "assistant", "content": second}]
+    only_answer = model.chat(videos["main"], tokenizer, "Once more?", chat_history=list(history),
+                             return_history=False, generation_config={"max_new_tokens": 4})
+    assert isinstance(only_answer, str)
+    print(f"\nvision tower forward calls after 3 turns on one video: {len(calls)}")
+    assert len(calls) == 1
+
+    # another video, or the same file rewritten, is encoded again
+    model.chat(videos["a"], tokenizer, QUESTION, generation_config={"max_new_tokens": 2})
+    assert len(calls) == 2
+    stat = os.stat(videos["main"])
+    os.utime(videos["main"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    model.chat(videos["main"], tokenizer, QUESTION, generation_config={"max_new_tokens": 2})
+    assert len(calls) == 3
+    model.chat(videos["main"], tokenizer, QUESTION, max_num_frames=8, generation_config={"max_new_tokens": 2})
+    assert len(calls) == 4  # other sampling settings, other visual tokens
+
+
+def test_follow_up_equals_a_fresh_prompt_with_the_whole_history(model, processor, videos):
+    """The cached visual tokens give the same answer as rebuilding the conversation from scratch."""
+    tokenizer = processor.tokenizer
+    settings = {"max_new_tokens": 12}
+    first, history = model.chat(videos["main"], tokenizer, QUESTION, generation_config=settings)
+    second, _ = model.chat(videos["main"], tokenizer, "And then?", chat_history=history, generation_config=settings)
+    messages = video_messages(videos["main"])
+    messages += [{"role": "assistant", "content": [{"type": "text", "text": first}]},
+                 {"role": "user", "content": [{"type": "text", "text": "And then?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, **settings)
+    assert tokenizer.decode(new_tokens(output, inputs)[0], skip_special_tokens=True).strip() == second
+
+
+def test_generate_through_chat_template_matches_chat(model, processor, videos):
+    tokenizer = processor.tokenizer
+    seen = {}
+    original_generate = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        out = original_generate(**kwargs)
+        seen["output"] = out
+        return out
+
+    model.generate = spy
+    answer = model.chat(videos["main"], tokenizer, QUESTION, return_history=False,
+                        generation_config={"max_new_tokens": 24})
+    del model.generate
+    chat_new = new_tokens(seen["output"], {"input_ids": seen["input_ids"]})
+
+    inputs = processor.apply_chat_template(video_messages(videos["main"]), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=24)
+    assert torch.equal(output[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])  # prompt + new tokens
+    assert torch.equal(seen["input_ids"], inputs["input_ids"])  # the same prompt, token for token
+    assert torch.equal(chat_new, new_tokens(output, inputs))
+    assert tokenizer.decode(new_tokens(output, inputs)[0], skip_special_tokens=True).strip() == answer
+    print(f"\nchat() and generate() agree on {chat_new.shape[1]} new tokens: {answer!r}")
+
+
+def test_original_style_history_and_generation_config(model, processor, videos):
+    """The original's role names and its lmms-eval generation settings (temperature 0 without sampling)."""
+    tokenizer = processor.tokenizer
+    settings = {"max_new_tokens": 8, "temperature": 0.0, "do_sample": False, "top_p": 0.1, "num_beams": 1}
+    _, history = model.chat(videos["main"], tokenizer, QUESTION, generation_config=settings,
+                                media_dict={"video_read_type": "decord"})
+    original = [{"role": "<|im_start|>" + m["role"], "content": m["content"]} for m in history]
+    reply, original = model.chat(videos["main"], tokenizer, "And then?", chat_history=original,
+                                 generation_config=settings)
+    assert [m["role"] for m in original] == ["<|im_start|>user", "<|im_start|>assistant"] * 2
+    same, _ = model.chat(videos["main"], tokenizer, "And then?", chat_history=history[:2], generation_config=settings)
+    assert reply == same
+    with pytest.raises(ValueError, match="start/end"):
+        model.chat(videos["main"], tokenizer, QUESTION, media_dict={"video_read_type": "decord", "start": 0, "end": 1})
+    with pytest.raises(ValueError, match="<image>"):
+        model.chat(videos["main"], tokenizer, QUESTION, chat_history=[{"role": "user", "content": "no video"}])
+
+
+def test_streaming_yields_text_in_pieces(model, processor, videos):
+    inputs = processor.apply_chat_template(video_messages(videos["main"]), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    thread = threading.Thread(target=model.generate, kwargs={**inputs, "streamer": streamer, "max_new_tokens": 24})
+    thread.start()
+    pieces = [piece for piece in streamer if piece]
+    thread.join()
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=24)
+    expected = processor.tokenizer.decode(new_tokens(output, inputs)[0], skip_special_tokens=True)
+    print(f"\nstreamed {len(pieces)} pieces: {pieces}")
+    assert len(pieces) >= 3
+    assert "".join(pieces) == expected
+
+
+def test_batch_of_three_videos_equals_single_runs(model, processor, videos):
+    questions = ["What is moving?", "Describe the colours of this short clip.", "Why?"]
+    conversations = [video_messages(videos[key], q) for key, q in zip("abc", questions)]
+    batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+    assert batch["video_frame_counts"].tolist() == [8, 16, 24]
+    with torch.no_grad():
+        batched = new_tokens(model.generate(**batch, max_new_tokens=12), batch)
+    for row, conversation in enumerate(conversations):
+        single = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            alone = new_tokens(model.generate(**single, max_new_tokens=12), single)[0]
+        got = batched[row][: alone.shape[0]]
+        assert torch.equal(got, alone), (row, got.tolist(), alone.tolist())
+    print(f"\nbatch of 3 videos ({batch['input_ids'].shape[1]} tokens padded) = 3 single runs")

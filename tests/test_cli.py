@@ -1,0 +1,130 @@
+"""The ``videochat-flash`` command line: make-tiny, chat (tiny, folders, default model offline), export, convert,
+train dispatch, packaging."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import types
+
+import pytest
+import tomllib
+from conftest import REPO_ROOT
+from media import encode
+
+import videochat_flash_cli
+from hub_export import AUTO_MAP, DEFAULT_MODEL_ID
+
+QUESTION = "What is moving in the video?"
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return encode(tmp_path_factory.mktemp("cli_video") / "clip.mp4", 16, fps=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_tiny") / "tiny"
+    assert videochat_flash_cli.main(["make-tiny", str(folder)]) == 0
+    return folder
+
+
+def test_make_tiny_writes_a_hub_folder(tiny_dir, capsys):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP and config["vision_config"]["image_size"] == 128
+    assert "random" in (tiny_dir / "README.md").read_text()
+
+
+def test_chat_with_a_folder_shows_progress_and_prints_the_answer(tiny_dir, video, capsys):
+    assert videochat_flash_cli.main(["chat", video, QUESTION, "--model", str(tiny_dir), "--max-frames", "16",
+                                     "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"]) == 0
+    out, err = capsys.readouterr()
+    answer = out.strip()
+    assert answer and "\n" not in answer
+    assert "Decoding frames" in err and "Encoding clips" in err  # tqdm progress bars
+    assert "RANDOM" not in err
+    print(f"\nCLI answer from the tiny folder: {answer!r}")
+
+
+def test_chat_model_tiny_is_built_once_and_flagged_random(video, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = ["chat", video, QUESTION, "--model", "tiny", "--cache-dir", str(cache), "--max-new-tokens", "4"]
+    assert videochat_flash_cli.main(args) == 0
+    first_out, err = capsys.readouterr()
+    assert "RANDOM" in err and "random text" in err
+    (built,) = [p for p in cache.iterdir() if p.name.startswith("tiny-")]
+    stamp = (built / ".complete").stat().st_mtime_ns
+    assert videochat_flash_cli.main(args) == 0
+    assert capsys.readouterr()[0] == first_out  # same random model, same answer
+    assert (built / ".complete").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_default_model_offline_is_one_clear_line(video, tmp_path):
+    home = tempfile.mkdtemp(prefix="vcf_cli_hf_home_")
+    env = {**os.environ, "HF_HOME": home, "HF_HUB_OFFLINE": "1", "VIDEOCHAT_FLASH_CACHE": str(tmp_path)}
+    env.pop("VIDEOCHAT_FLASH_DEBUG", None)
+    result = subprocess.run([sys.executable, "-m", "videochat_flash_cli", "chat", video, QUESTION], check=False,
+                            cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    print(f"\n{lines}")
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert DEFAULT_MODEL_ID in lines[0] and "--model tiny" in lines[0]
+
+
+def test_missing_video_and_bad_device_are_one_line_errors(tiny_dir, video, tmp_path, capsys, monkeypatch):
+    assert videochat_flash_cli.main(["chat", str(tmp_path / "nope.mp4"), QUESTION, "--model", str(tiny_dir)]) == 1
+    err = capsys.readouterr()[1].strip()
+    assert err.count("\n") == 0 and "video not found" in err
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert videochat_flash_cli.main(["chat", video, QUESTION, "--model", str(tiny_dir), "--device", "cuda"]) == 1
+    err = capsys.readouterr()[1].strip()
+    assert err.count("\n") == 0 and "--device cpu" in err
+
+
+def test_export_and_convert_commands(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert videochat_flash_cli.main(["export", str(out), "--model", str(tiny_dir), "--max-shard-size", "200KB",
+                                     "--base-model", "OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP and "video-text-to-text" in config["custom_pipelines"]
+    assert (out / "model.safetensors.index.json").exists()
+    assert "base_model: OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448" in (out / "README.md").read_text()
+
+    from test_modeling import write_original_format_folder
+
+    from processing_videochat_flash import build_byte_level_tokenizer
+
+    original = tmp_path / "original"
+    write_original_format_folder(original)
+    build_byte_level_tokenizer().save_pretrained(original)
+    converted = tmp_path / "converted"
+    assert videochat_flash_cli.main(["convert", str(original), str(converted)]) == 0
+    assert json.loads((converted / "config.json").read_text())["auto_map"] == AUTO_MAP
+    assert videochat_flash_cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+    assert "no config.json" in capsys.readouterr()[1]
+
+
+def test_train_calls_run_training_lazily(monkeypatch, tmp_path):
+    assert not hasattr(videochat_flash_cli, "run_training")  # imported only when training
+    calls = []
+    fake = types.ModuleType("training_videochat_flash")
+    fake.run_training = calls.append
+    monkeypatch.setitem(sys.modules, "training_videochat_flash", fake)
+    config = str(tmp_path / "train.yaml")
+    assert videochat_flash_cli.main(["train", config]) == 0
+    assert calls == [config]
+
+
+def test_console_script_and_modules_are_packaged():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["videochat-flash"] == "videochat_flash_cli:main"
+    modules = set(project["tool"]["setuptools"]["py-modules"])
+    assert {"videochat_flash_cli", "hub_export", "chat_videochat_flash", "pipeline_videochat_flash"} <= modules
+    with pytest.raises(SystemExit):
+        videochat_flash_cli.main(["--help"])

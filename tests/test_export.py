@@ -1,0 +1,258 @@
+"""Hub folders: export (loaded in a fresh process where this package is not importable), the pipelines, and
+conversion of original-format checkpoints (golden logits)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT
+from media import encode
+from test_modeling import expand_golden_ids, write_original_format_folder
+
+from hub_export import (
+    AUTO_MAP,
+    CODE_FILES,
+    CUSTOM_PIPELINES,
+    ModelUnavailableError,
+    convert_original_checkpoint,
+    export_hub_folder,
+    is_original_checkpoint,
+    resolve_model,
+    tiny_processor,
+)
+from processing_videochat_flash import build_byte_level_tokenizer
+from tiny_model import build_tiny_model
+
+QUESTION = "What is moving in the video?"
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_isolated(code: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Python in a fresh process: cwd elsewhere, repo off sys.path, fresh HF_HOME, offline."""
+    home = tempfile.mkdtemp(prefix="vcf_export_hf_home_")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=home, HF_MODULES_CACHE=os.path.join(home, "modules"), HF_HUB_OFFLINE="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
+    prelude = f"import sys\nsys.path[:] = [p for p in sys.path if p not in ('', '.', {str(REPO_ROOT)!r})]\n"
+    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], check=False, cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny model (seed 3) exported with small shards, plus a video and the model's own logits on it."""
+    root = tmp_path_factory.mktemp("export")
+    model = build_tiny_model(seed=3)
+    processor = tiny_processor()
+    folder = export_hub_folder(model, processor, root / "hub", max_shard_size="300KB",
+                               base_model="OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448")
+    video = encode(root / "clip.mp4", 16, fps=8)
+    messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": QUESTION}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return {"root": root, "folder": folder, "video": video, "inputs": dict(inputs), "logits": logits,
+            "model": model, "processor": processor}
+
+
+def test_export_folder_layout_and_metadata(exported):
+    folder = exported["folder"]
+    names = set(os.listdir(folder))
+    assert set(CODE_FILES.values()) <= names
+    assert {"config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", "README.md", "model.safetensors.index.json"} <= names
+    shards = sorted(n for n in names if n.endswith(".safetensors"))
+    assert len(shards) > 1 and all(n.startswith("model-0") for n in shards)
+    assert not [n for n in names if n.endswith(".py") and n not in CODE_FILES.values()]
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    for key in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"):
+        assert key in config["auto_map"]
+    assert config["custom_pipelines"] == CUSTOM_PIPELINES
+    assert config["custom_pipelines"]["video-text-to-text"]["impl"] == "pipeline_videochat_flash.VideoTextToTextPipeline"
+    assert config["model_type"] == "videochat_flash" and config["architectures"] == ["VideoChatFlashForCausalLM"]
+    assert (config["video_token_id"], config["image_token_id"]) == (259, 260)
+
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 258 and generation["pad_token_id"] == 256  # <|im_end|>, <|endoftext|>
+
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_videochat_flash.VideoChatFlashProcessor"
+    assert processor_config["video_processor"]["auto_map"]["AutoVideoProcessor"] == (
+        "processing_videochat_flash.VideoChatFlashVideoProcessor"
+    )
+    assert processor_config["video_processor"]["size"] == {"height": 128, "width": 128}
+
+    card = (folder / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["pipeline_tag"] == "video-text-to-text" and meta["library_name"] == "transformers"
+    assert meta["license"] == "apache-2.0" and meta["base_model"] == "OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448"
+    assert "trust_remote_code=True" in card and ".chat(" in card
+
+
+def test_exported_folder_loads_in_a_fresh_process(exported, tmp_path):
+    """Where this package is not importable: remote-code classes, same logits, chat(), both pipelines."""
+    torch.save(exported["inputs"], tmp_path / "inputs.pt")
+    result = run_isolated(
+        f"""
+        import json, torch
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
+        folder, video = {str(exported["folder"])!r}, {str(exported["video"])!r}
+        for name in ("modeling_videochat_flash", "processing_videochat_flash", "hub_export"):
+            try:
+                __import__(name)
+            except ImportError:
+                pass
+            else:
+                raise AssertionError(name + " is importable")
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        inputs = torch.load("inputs.pt")
+        with torch.no_grad():
+            torch.save(model(**inputs).logits, "logits.pt")
+        card_model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        answer, history = card_model.chat(video, tokenizer, {QUESTION!r}, return_history=True,
+                                          generation_config={{"max_new_tokens": 8}})
+        pipe = pipeline("video-text-to-text", model=folder, trust_remote_code=True)
+        piped = pipe(video, {QUESTION!r}, max_new_tokens=8)
+        stock = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+        messages = [{{"role": "user", "content": [{{"type": "video", "path": video}},
+                                                 {{"type": "text", "text": {QUESTION!r}}}]}}]
+        stocked = stock(text=messages, max_new_tokens=8)
+        json.dump({{"module": type(model).__module__, "card_module": type(card_model).__module__,
+                   "pipeline": type(pipe).__module__ + "." + type(pipe).__name__, "answer": answer,
+                   "history_roles": [m["role"] for m in history], "piped": piped,
+                   "stock": stocked[0]["generated_text"][-1]["content"]}}, open("result.json", "w"))
+        """,
+        cwd=tmp_path,
+    )
+    got = json.loads((tmp_path / "result.json").read_text())
+    assert got["module"].startswith("transformers_modules") and got["card_module"].startswith("transformers_modules")
+    logits = torch.load(tmp_path / "logits.pt")
+    difference = (logits - exported["logits"]).abs().max().item()
+    print(f"\nfresh-process logits vs in-process: max |diff| = {difference:.3g}; pipeline: {got['pipeline']}")
+    assert difference == 0.0
+    assert got["pipeline"].startswith("transformers_modules") and got["pipeline"].endswith("VideoTextToTextPipeline")
+    assert got["history_roles"] == ["user", "assistant"]
+    # the same greedy answer three ways: chat(), our pipeline, the stock image-text-to-text pipeline
+    assert got["piped"] == [{"input_text": QUESTION, "generated_text": got["answer"]}]
+    assert got["stock"].strip() == got["answer"]
+    assert "Traceback" not in result.stderr
+
+
+def test_video_text_to_text_pipeline_inputs(exported):
+    from transformers import pipeline
+
+    pipe = pipeline("video-text-to-text", model=str(exported["folder"]), trust_remote_code=True)
+    assert pipeline(model=str(exported["folder"]), trust_remote_code=True).task == "video-text-to-text"
+    video = exported["video"]
+    single = pipe(video, QUESTION, max_new_tokens=6)
+    assert single == pipe({"video": video, "text": QUESTION}, max_new_tokens=6)
+    chat = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": QUESTION}]}]
+    full = pipe(chat, max_new_tokens=6, return_full_text=True)[0]["generated_text"]
+    assert full[:-1] == chat and full[-1] == {"role": "assistant", "content": single[0]["generated_text"]}
+    several = pipe([video, video], [QUESTION, "Another question?"], max_new_tokens=6, max_num_frames=8)
+    assert len(several) == 2 and all(isinstance(r[0]["generated_text"], str) for r in several)
+    with pytest.raises(TypeError, match="unexpected"):
+        pipe(video, QUESTION, not_an_option=1)
+
+
+# ------------------------------------------------------------------------------------------------ convert
+@pytest.fixture(scope="module")
+def original_folder(tmp_path_factory):
+    """An original-format checkpoint folder (golden weights, original config/auto_map) with its tokenizer."""
+    folder = tmp_path_factory.mktemp("orig") / "VideoChat-Flash-golden"
+    tensors = write_original_format_folder(folder)
+    for name in os.listdir(folder):  # the published folders carry the original code, not ours
+        if name.endswith(".py"):
+            os.remove(folder / name)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("video_token_id")  # the original config has no placeholder id
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    build_byte_level_tokenizer().save_pretrained(folder)
+    return folder, tensors
+
+
+def test_convert_reproduces_golden_logits_with_unchanged_weights(original_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source, tensors = original_folder
+    assert is_original_checkpoint(source)
+    destination = convert_original_checkpoint(source, tmp_path / "converted")
+    assert not is_original_checkpoint(destination)
+    assert sha256(source / "model.safetensors") == sha256(destination / "model.safetensors")
+    config = json.loads((destination / "config.json").read_text())
+    original = json.loads((source / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP and config["custom_pipelines"] == CUSTOM_PIPELINES
+    assert config["model_type"] == "videochat_flash" and (config["video_token_id"], config["image_token_id"]) == (
+        259, 260)
+    for key in ("mm_vision_tower", "mm_projector_type", "mm_local_num_frames", "hidden_size", "vocab_size"):
+        assert config[key] == original[key]
+    assert json.loads((destination / "generation_config.json").read_text())["eos_token_id"] == 258
+
+    model = AutoModelForCausalLM.from_pretrained(destination, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(model).__module__.startswith("transformers_modules")
+    pixels = tensors["input.pixel_values"]
+    input_ids = expand_golden_ids(tensors["input.input_ids"], 16 * pixels.shape[0])
+    with torch.no_grad():
+        logits = model(input_ids, pixel_values_videos=pixels[None], use_cache=False).logits
+        generated = model.generate(input_ids, pixel_values_videos=pixels[None], max_new_tokens=8, min_new_tokens=8)
+    difference = (logits - tensors["output.prefill_logits"]).abs().max().item()
+    print(f"\nconverted original checkpoint: max |logits - golden| = {difference:.3g}")
+    assert difference < 1e-4
+    assert generated[0, input_ids.shape[1]:].tolist() == tensors["output.generated_ids"][0].tolist()
+
+
+def test_original_folder_is_converted_on_the_fly(original_folder, tmp_path):
+    source, _ = original_folder
+    folder = resolve_model(source, cache_dir=tmp_path / "cache")
+    assert folder != source and (folder / "model.safetensors").is_symlink()
+    assert (folder / "model.safetensors").resolve() == (source / "model.safetensors").resolve()
+    assert resolve_model(source, cache_dir=tmp_path / "cache") == folder  # reused
+    assert resolve_model(folder) == folder  # already in this package's format
+
+
+def test_convert_rejects_placeholders_outside_the_vocabulary(original_folder, tmp_path):
+    source, _ = original_folder
+    small = tmp_path / "small"
+    small.mkdir()
+    for name in os.listdir(source):
+        os.symlink(source / name, small / name)
+    config = json.loads((source / "config.json").read_text())
+    config["vocab_size"] = 259  # 259 tokens, so <|video_pad|> gets id 259
+    (small / "config.json").unlink()
+    (small / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"id 259 .*vocab_size=259"):
+        convert_original_checkpoint(small, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_models_give_one_line_errors(tmp_path):
+    with pytest.raises(ModelUnavailableError, match="--model tiny") as error:
+        resolve_model("OpenGVLab/no-such-model-offline", cache_dir=tmp_path)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ModelUnavailableError, match="no config.json"):
+        resolve_model(tmp_path, cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        (tmp_path / "config.json").write_text("{}")
+        convert_original_checkpoint(tmp_path, tmp_path / "out")

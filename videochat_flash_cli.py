@@ -1,0 +1,172 @@
+"""``videochat-flash``: chat about a video, build Hub folders, convert original checkpoints, train.
+
+    videochat-flash chat VIDEO "question" [--model DIR_OR_HUB_ID|tiny] [--max-frames N] [--device auto|cpu|cuda]
+                                          [--dtype auto|float32|bfloat16|float16] [--max-new-tokens N]
+    videochat-flash export DIR [--model ...] [--max-shard-size 4GB] [--base-model HUB_ID]
+    videochat-flash convert SRC DST [--base-model HUB_ID] [--link-weights]
+    videochat-flash make-tiny DIR [--seed N]
+    videochat-flash train CONFIG
+
+``--model`` takes a folder of this package, an original VideoChat-Flash checkpoint (folder or Hub id: converted on
+the fly into the cache, weights linked, not copied), a Hub id, or ``tiny`` (a tiny random model built offline).
+Errors are reported on one line (set ``VIDEOCHAT_FLASH_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hub_export import DEFAULT_MODEL_ID, ModelUnavailableError
+
+PROG = "videochat-flash"
+TINY_WARNING = (
+    "note: --model tiny is a tiny model with RANDOM weights, built offline: its answers are random text "
+    "(it only shows that everything runs)."
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="VideoChat-Flash on transformers v5 (CPU or GPU).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = commands.add_parser("chat", help="answer a question about a video")
+    chat.add_argument("video", help="video file")
+    chat.add_argument("question", help="what to ask about the video")
+    chat.add_argument("--model", default=DEFAULT_MODEL_ID,
+                      help=f"folder, Hub id or 'tiny' (default: {DEFAULT_MODEL_ID})")
+    chat.add_argument("--max-frames", type=int, default=512, help="most frames sampled from the video (default 512)")
+    chat.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="auto = cuda when available, else cpu")
+    chat.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                      help="auto = bfloat16 on cuda, float32 on cpu")
+    chat.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default: the model's)")
+    chat.add_argument("--cache-dir", default=None, help="where tiny/converted models are kept")
+
+    export = commands.add_parser("export", help="write a model as a self-contained Hub folder")
+    export.add_argument("directory")
+    export.add_argument("--model", default=DEFAULT_MODEL_ID, help="folder, Hub id or 'tiny'")
+    export.add_argument("--max-shard-size", default="4GB")
+    export.add_argument("--base-model", default=None, help="Hub id written as base_model in the model card")
+    export.add_argument("--cache-dir", default=None)
+
+    convert = commands.add_parser("convert", help="original checkpoint folder -> Hub folder of this package")
+    convert.add_argument("source")
+    convert.add_argument("destination")
+    convert.add_argument("--base-model", default=None, help="Hub id written as base_model in the model card")
+    convert.add_argument("--link-weights", action="store_true", help="symlink the safetensors instead of copying")
+
+    tiny = commands.add_parser("make-tiny", help="write the tiny random model (offline) as a Hub folder")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    train = commands.add_parser("train", help="fine-tune from a YAML/JSON config")
+    train.add_argument("config")
+    return parser
+
+
+def _device_and_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+def _load(folder, device: str, dtype):
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    return model, tokenizer
+
+
+def cmd_chat(args) -> int:
+    from hub_export import resolve_model
+
+    if not os.path.exists(args.video):
+        raise FileNotFoundError(f"video not found: {args.video}")
+    folder = resolve_model(args.model, cache_dir=args.cache_dir)
+    if args.model == "tiny":
+        print(TINY_WARNING, file=sys.stderr)
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    model, tokenizer = _load(folder, device, dtype)
+    generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    answer = model.chat(args.video, tokenizer, args.question, return_history=False, max_num_frames=args.max_frames,
+                        generation_config=generation, progress=True)
+    print(answer)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from hub_export import export_hub_folder, resolve_model
+
+    folder = resolve_model(args.model, cache_dir=args.cache_dir)
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype="auto")
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    base_model = args.base_model
+    if base_model is None and args.model != "tiny" and not os.path.isdir(args.model):
+        base_model = args.model
+    export_hub_folder(model, processor, args.directory, base_model=base_model, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.directory}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from hub_export import convert_original_checkpoint
+
+    convert_original_checkpoint(args.source, args.destination, base_model=args.base_model,
+                                link_weights=args.link_weights)
+    print(f"wrote {args.destination}")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from hub_export import make_tiny_folder
+
+    make_tiny_folder(args.directory, seed=args.seed)
+    print(f"wrote {args.directory} (tiny model with random weights: its answers are random)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from training_videochat_flash import run_training  # written separately; imported only when training
+
+    result = run_training(args.config)
+    return result if isinstance(result, int) else 0
+
+
+COMMANDS = {"chat": cmd_chat, "export": cmd_export, "convert": cmd_convert, "make-tiny": cmd_make_tiny,
+            "train": cmd_train}
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (FileNotFoundError, ModelUnavailableError, ValueError)):
+        return text
+    return f"{type(error).__name__}: {text}"
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ModelUnavailableError, FileNotFoundError, ValueError, ImportError, OSError, RuntimeError) as error:
+        if os.environ.get("VIDEOCHAT_FLASH_DEBUG"):
+            raise
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
