@@ -32,6 +32,9 @@ from processing_videochat_flash import build_byte_level_tokenizer
 from tiny_model import build_tiny_model
 
 QUESTION = "What is moving in the video?"
+# top-level modules of this package (blocked in the isolated process)
+PACKAGE_MODULES = {Path(name).parts[0].removesuffix(".py") for name in CODE_FILES}
+PACKAGE_MODULES |= {"hub_export", "tiny_model", "videochat_flash_cli"}
 
 
 def front_matter(text: str) -> dict:
@@ -49,7 +52,20 @@ def run_isolated(code: str, cwd: Path, timeout: int = 240) -> subprocess.Complet
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=home, HF_MODULES_CACHE=os.path.join(home, "modules"), HF_HUB_OFFLINE="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
-    prelude = f"import sys\nsys.path[:] = [p for p in sys.path if p not in ('', '.', {str(REPO_ROOT)!r})]\n"
+    # Off sys.path, and blocked outright: an editable install (as .ci/run makes) would import them from anywhere.
+    prelude = textwrap.dedent(f"""
+        import importlib.abc, sys
+        sys.path[:] = [p for p in sys.path if p not in ('', '.', {str(REPO_ROOT)!r})]
+        PACKAGE = {sorted(PACKAGE_MODULES)!r}
+
+        class BlockPackage(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in PACKAGE:
+                    raise ImportError(name + " (this package) is blocked here")
+                return None
+
+        sys.meta_path.insert(0, BlockPackage())
+        """)
     result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], check=False, cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -118,13 +134,6 @@ def test_exported_folder_loads_in_a_fresh_process(exported, tmp_path):
         import json, torch
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
         folder, video = {str(exported["folder"])!r}, {str(exported["video"])!r}
-        for name in ("modeling_videochat_flash", "processing_videochat_flash", "hub_export"):
-            try:
-                __import__(name)
-            except ImportError:
-                pass
-            else:
-                raise AssertionError(name + " is importable")
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
         inputs = torch.load("inputs.pt")
         with torch.no_grad():
@@ -142,12 +151,14 @@ def test_exported_folder_loads_in_a_fresh_process(exported, tmp_path):
         json.dump({{"module": type(model).__module__, "card_module": type(card_model).__module__,
                    "pipeline": type(pipe).__module__ + "." + type(pipe).__name__, "answer": answer,
                    "history_roles": [m["role"] for m in history], "piped": piped,
-                   "stock": stocked[0]["generated_text"][-1]["content"]}}, open("result.json", "w"))
+                   "stock": stocked[0]["generated_text"][-1]["content"],
+                   "package_modules": sorted(set(sys.modules) & set(PACKAGE))}}, open("result.json", "w"))
         """,
         cwd=tmp_path,
     )
     got = json.loads((tmp_path / "result.json").read_text())
     assert got["module"].startswith("transformers_modules") and got["card_module"].startswith("transformers_modules")
+    assert got["package_modules"] == []
     logits = torch.load(tmp_path / "logits.pt")
     difference = (logits - exported["logits"]).abs().max().item()
     print(f"\nfresh-process logits vs in-process: max |diff| = {difference:.3g}; pipeline: {got['pipeline']}")
