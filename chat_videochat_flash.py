@@ -14,6 +14,10 @@ original:
 * the visual tokens of a video are computed once and reused by later turns on the same video (keyed on the file's
   path, modification time and size and on the sampling settings), so follow-up questions skip decoding and the
   vision tower;
+* video files are encoded by ``encode_video_streaming`` (decode -> preprocess -> encode chunk by chunk), so memory
+  holds the 16 tokens per frame, never all frames: ``max_num_frames`` can be 10,000;
+* the LLM's KV cache of the previous turn (system prompt, video, earlier turns) is kept and reused by a follow-up
+  on the same video: only the tokens after the longest common prefix are run (not with in-LLM token dropping);
 * history roles may be ``"user"``/``"assistant"`` or the original's ``"<|im_start|>user"``/``"<|im_start|>assistant"``;
   new entries use the style of the history passed in (``"user"``/``"assistant"`` for a new conversation);
 * runs on CPU or GPU, in any dtype, without flash-attn; ``progress=True`` shows decode/encode progress bars.
@@ -63,6 +67,23 @@ def _processing_module() -> _Processing:
     return _Processing()
 
 
+def _encode_video_streaming(*args, **kwargs):
+    try:  # Hub folder: one flat package
+        from .streaming_videochat_flash import encode_video_streaming
+    except ImportError:  # development checkout: top-level modules
+        from streaming_videochat_flash import encode_video_streaming
+    return encode_video_streaming(*args, **kwargs)
+
+
+def _cache_kwarg() -> str:
+    """``generate``'s name for a cache (``cache`` in transformers >= 5.24, ``past_key_values`` before)."""
+    try:
+        from .modeling_videochat_flash import CACHE_KWARG
+    except ImportError:
+        from modeling_videochat_flash import CACHE_KWARG
+    return CACHE_KWARG
+
+
 def normalize_role(role: str) -> str:
     """``"<|im_start|>user"`` -> ``"user"``; other names unchanged."""
     if role.startswith(ORIGINAL_ROLE_PREFIX):
@@ -96,6 +117,8 @@ class VideoChatFlashChatMixin:
 
     # Most videos whose visual tokens stay cached on the model (for follow-up questions); 0 disables caching.
     chat_cache_size = 4
+    # Keep the previous turn's KV cache and reuse its longest common prefix with the next prompt.
+    chat_reuse_prefix = True
 
     # ------------------------------------------------------------------------------------------ helpers
     def _chat_processor(self, tokenizer):
@@ -120,8 +143,9 @@ class VideoChatFlashChatMixin:
         return processor
 
     def clear_chat_cache(self) -> None:
-        """Forget the visual tokens cached by :meth:`chat` (e.g. after changing the weights)."""
+        """Forget the visual tokens and the KV cache kept by :meth:`chat` (e.g. after changing the weights)."""
         self._chat_feature_cache = OrderedDict()
+        self._chat_prefix_state = None
 
     @staticmethod
     def _chat_cache_key(video, processor, max_num_frames, backend):
@@ -146,6 +170,20 @@ class VideoChatFlashChatMixin:
             cache.move_to_end(key)
             return cache[key]
 
+        if isinstance(video, (str, os.PathLike)):
+            # chunk by chunk: memory holds the tokens, never all frames (the same tokens as the processor's pixels)
+            tokens, metadata = _encode_video_streaming(
+                self, video, video_processor=processor.video_processor, max_num_frames=max_num_frames,
+                backend=backend, progress=progress,
+            )
+            result = (tokens, len(metadata.frame_indices), metadata)
+            if key is not None and self.chat_cache_size > 0:
+                cache[key] = result
+                while len(cache) > self.chat_cache_size:
+                    cache.popitem(last=False)
+            return result
+
+        # already-decoded frames (in memory anyway): the processor uses them as given
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -197,6 +235,49 @@ class VideoChatFlashChatMixin:
         if "pad_token_id" not in kwargs and self.generation_config.pad_token_id is None:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
         return kwargs
+
+    def _chat_prefix_cache(self, input_ids, features, generate_kwargs):
+        """The KV cache to generate `input_ids` (1, L) with, and how many of its tokens are already in it.
+
+        The previous turn's cache (prompt + answer, video included) is cropped to its longest common prefix with
+        `input_ids` when it was computed with these visual tokens and that prefix covers the whole video; otherwise a
+        new cache (0 reused). ``(None, 0)`` where no cache is kept.
+        """
+        previous = getattr(self, "_chat_prefix_state", None)
+        self._chat_prefix_state = None  # reused below or replaced after this turn
+        if not self.chat_reuse_prefix or self.config.mm_llm_compress:
+            # In-LLM token dropping ranks the visual tokens by the attention of the last prompt token (the question)
+            # and drops them in the prefill, so a cached prefix from another question holds other tokens (and the
+            # model refuses visual tokens over a non-empty cache): every turn is a fresh run there.
+            return None, 0
+        defaults = self.generation_config
+        if (
+            generate_kwargs.get("use_cache", getattr(defaults, "use_cache", True)) is False
+            or (generate_kwargs.get("num_beams") or getattr(defaults, "num_beams", 1) or 1) != 1
+            or (generate_kwargs.get("num_return_sequences") or getattr(defaults, "num_return_sequences", 1) or 1) != 1
+            or any(name in generate_kwargs for name in ("cache", "past_key_values", "assistant_model"))
+        ):
+            return None, 0
+        from transformers import DynamicCache
+
+        ids = input_ids[0].detach().cpu()
+        if previous is not None and (
+            previous["features"] is features
+            or (previous["features"].shape == features.shape and torch.equal(previous["features"], features))
+        ):
+            cached_ids = previous["ids"]
+            n = min(cached_ids.shape[0], ids.shape[0] - 1)  # at least one new token to run
+            differ = (cached_ids[:n] != ids[:n]).nonzero()
+            common = int(differ[0]) if differ.numel() else n
+            video = (ids == self.config.video_token_id).nonzero()
+            last_video = int(video[-1]) if video.numel() else -1
+            if common > last_video and common > 0:  # the whole video is in the kept prefix
+                cache = previous["cache"]
+                extra = cache.get_seq_length() - common
+                if extra > 0:
+                    cache.crop(-extra)  # a negative count removes tokens in every transformers 5.x
+                return cache, common
+        return DynamicCache(config=self.config), 0
 
     # ------------------------------------------------------------------------------------------ chat
     def chat(
@@ -270,14 +351,25 @@ class VideoChatFlashChatMixin:
 
         device = self.get_input_embeddings().weight.device
         dtype = self.get_input_embeddings().weight.dtype
-        encoded = BaseModelOutputWithPooling(pooler_output=(features.to(device=device, dtype=dtype),))
+        generate_kwargs = self._chat_generate_kwargs(generation_config, tokenizer)
+        cache, reused = self._chat_prefix_cache(inputs["input_ids"], features, generate_kwargs)
+        if cache is not None:
+            generate_kwargs[_cache_kwarg()] = cache  # generate runs only the tokens after the cached prefix
+        if reused == 0:  # with a reused prefix the video is already in the cache
+            encoded = BaseModelOutputWithPooling(pooler_output=(features.to(device=device, dtype=dtype),))
+            generate_kwargs["mm_encoder_outputs"] = {"video": encoded}
         with torch.inference_mode():
             output_ids = self.generate(
                 input_ids=inputs["input_ids"].to(device),
                 attention_mask=inputs["attention_mask"].to(device),
-                mm_encoder_outputs={"video": encoded},
-                **self._chat_generate_kwargs(generation_config, tokenizer),
+                **generate_kwargs,
             )
+        if cache is not None:  # what the cache holds now: the prompt and the answer but its last token
+            self._chat_prefix_state = {
+                "ids": output_ids[0, : cache.get_seq_length()].detach().cpu(),
+                "cache": cache,
+                "features": features,
+            }
         new_tokens = output_ids[0, inputs["input_ids"].shape[1] :]
         answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 

@@ -33,6 +33,7 @@ CODE_FILES = {
     "configuration_videochat_flash.py": "configuration_videochat_flash.py",
     "modeling_videochat_flash.py": "modeling_videochat_flash.py",
     "chat_videochat_flash.py": "chat_videochat_flash.py",
+    "streaming_videochat_flash.py": "streaming_videochat_flash.py",
     "vision_tower/umt.py": "vision_tower_umt.py",
     "vision_tower/token_merging.py": "vision_tower_token_merging.py",
     "processing_videochat_flash.py": "processing_videochat_flash.py",

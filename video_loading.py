@@ -1,7 +1,9 @@
 """Video loading for VideoChat-Flash: frame sampling, decoding and per-frame resizing.
 
 This module is self-contained (stdlib, numpy, Pillow; PyAV and decord are optional) so that it can ship
-flat next to the remote-code files of a Hub repository. Its entry point is :func:`load_video`.
+flat next to the remote-code files of a Hub repository. Its entry point is :func:`load_video`;
+:func:`iter_video_chunks` gives the same frames chunk by chunk (``(metadata, iterator of (n, H, W, 3) uint8
+chunks)``), decoding each chunk's frames only when it is asked for, so memory does not grow with the frame count.
 
 Sampling (identical to the original ``chat()`` / lmms-eval path, ``sample='dynamic_fps1'``)
 --------------------------------------------------------------------------------------------
@@ -102,6 +104,7 @@ __all__ = [
     "VideoLoadMetadata",
     "VideoReadError",
     "available_backends",
+    "iter_video_chunks",
     "load_video",
     "resize_frame",
     "sample_frame_indices",
@@ -603,6 +606,14 @@ def _frame_rgb(frame) -> np.ndarray:
 
 def _pyav_worker(probe: _Probe, ranges, target_of_pos: dict[int, int], pos_of_pts: dict[int, int], sink: _Sink,
                  seek_mode: bool, threads: int):
+    for target, rgb in _pyav_worker_frames(probe, ranges, target_of_pos, pos_of_pts, seek_mode, threads):
+        sink.put(target, rgb)
+
+
+def _pyav_worker_frames(probe: _Probe, ranges, target_of_pos: dict[int, int], pos_of_pts: dict[int, int],
+                        seek_mode: bool, threads: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode the packet spans `ranges` in order; yield ``(frame index, rgb)`` for every wanted frame as soon as it
+    is decoded (in display order: frames leave the decoder sorted by timestamp, and spans are decoded in order)."""
     path = probe.path
     wanted_pos = set(target_of_pos)
     key_pos = np.flatnonzero(probe.key)
@@ -615,18 +626,20 @@ def _pyav_worker(probe: _Probe, ranges, target_of_pos: dict[int, int], pos_of_pt
         nonref = _h264_nonref_test(cc)
 
         def emit(frames):
+            out = []
             for f in frames:
                 if f.pts is None:
                     continue
                 pos = pos_of_pts.get(int(f.pts))
                 if pos is not None and pos in wanted_pos:
-                    sink.put(target_of_pos[pos], _frame_rgb(f))
+                    out.append((target_of_pos[pos], _frame_rgb(f)))
+            return out
 
         def send(pkt):
             try:
-                emit(cc.decode(pkt))
+                return emit(cc.decode(pkt))
             except av.error.InvalidDataError:
-                pass  # a damaged packet: its frame (if wanted) is reported missing later
+                return ()  # a damaged packet: its frame (if wanted) is reported missing later
 
         def packets() -> Iterator[tuple[int, Any]]:
             for pkt in container.demux(vs):
@@ -686,13 +699,14 @@ def _pyav_worker(probe: _Probe, ranges, target_of_pos: dict[int, int], pos_of_pt
                     break
                 if pos not in wanted_pos and nonref is not None and nonref(pkt):
                     continue
-                send(pkt)
+                yield from send(pkt)
                 fed = True
             if fed:
                 try:
-                    emit(cc.decode(None))
+                    flushed = emit(cc.decode(None))
                 except av.error.FFmpegError:
-                    pass
+                    flushed = ()
+                yield from flushed
                 cc.flush_buffers()
 
 
@@ -701,8 +715,15 @@ def _chain_first(first, it):
     yield from it
 
 
-def _pyav_decode_counting(probe: _Probe, targets: list[int], sink: _Sink, threads: int) -> int:
-    """Decode straight through, numbering frames in output order. Returns the number of frames decoded."""
+def _pyav_decode_counting(probe: _Probe, targets: list[int], sink: _Sink, threads: int) -> None:
+    """Decode straight through, numbering frames in output order."""
+    for n, rgb in _pyav_counting_frames(probe, targets, threads):
+        sink.put(n, rgb)
+
+
+def _pyav_counting_frames(probe: _Probe, targets: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode straight through from the start, numbering frames in output order; yield ``(n, rgb)`` for the
+    wanted ``n`` (increasing)."""
     last = max(targets)
     want = set(targets)
     n = 0
@@ -727,11 +748,10 @@ def _pyav_decode_counting(probe: _Probe, targets: list[int], sink: _Sink, thread
                 continue
             for f in frames:
                 if n in want:
-                    sink.put(n, _frame_rgb(f))
+                    yield n, _frame_rgb(f)
                 n += 1
             if n > last:
                 break
-    return n
 
 
 def _default_threads() -> int:
@@ -942,6 +962,28 @@ def load_video(
     max_num_frames, num_frames, fps, min_num_frames, frames_multiple = _check_sampling_args(
         max_num_frames, num_frames, fps, min_num_frames, frames_multiple
     )
+    hw, num_threads, sampling = _common_args(size, backend, num_threads, max_num_frames, num_frames, fps, min_num_frames)
+    kind, image, path = _classify_input(video)
+
+    # ---- still images and decoded frames
+    if kind == "image":
+        indices = sample_frame_indices(1, 1.0, frames_multiple=CLIP_FRAMES, **sampling)
+        sink = _Sink(indices, hw, image.shape[:2], path or "image")
+        sink.put(0, np.ascontiguousarray(image))
+        return sink.out, _metadata(indices, 1.0, 1, "frames", image.shape[1], image.shape[0], path, {"input": "image"})
+    if kind == "frames":
+        src, rate = _frame_source(video, video_fps)
+        indices = sample_frame_indices(len(src), rate, frames_multiple=frames_multiple, **sampling)
+        sink = _Sink(indices, hw, None, "frames")
+        for idx in sink.wanted():
+            sink.put(idx, src[idx])
+        return sink.out, _metadata(indices, rate, len(src), "frames", src.width, src.height, None, {"input": "frames"})
+
+    # ---- video files
+    return _load_video_file(path, hw, backend, frames_multiple, sampling, num_threads)
+
+
+def _common_args(size, backend, num_threads, max_num_frames, num_frames, fps, min_num_frames):
     hw = _parse_size(size)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None, 'pyav' or 'decord', got {backend!r}")
@@ -949,8 +991,11 @@ def load_video(
         num_threads = _default_threads()
     num_threads = max(1, _as_int("num_threads", num_threads))
     sampling = dict(max_num_frames=max_num_frames, num_frames=num_frames, fps=fps, min_num_frames=min_num_frames)
+    return hw, num_threads, sampling
 
-    # ---- still images and decoded frames
+
+def _classify_input(video) -> tuple[str, np.ndarray | None, str | None]:
+    """``("image", rgb, path or None)``, ``("frames", None, None)`` or ``("file", None, path)``."""
     image = None
     path = None
     if isinstance(video, Image.Image):
@@ -972,23 +1017,18 @@ def load_video(
     if image is not None:
         if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError(f"image has shape {image.shape}; expected (H, W, 3)")
-        indices = sample_frame_indices(1, 1.0, frames_multiple=CLIP_FRAMES, **sampling)
-        sink = _Sink(indices, hw, image.shape[:2], path or "image")
-        sink.put(0, np.ascontiguousarray(image))
-        return sink.out, _metadata(indices, 1.0, 1, "frames", image.shape[1], image.shape[0], path, {"input": "image"})
+        return "image", image, path
     if path is None:
-        src = _FrameSource(video)
-        rate = _valid_rate(video_fps) if video_fps is not None else 1.0
-        if rate is None:
-            raise ValueError(f"video_fps must be > 0, got {video_fps!r}")
-        indices = sample_frame_indices(len(src), rate, frames_multiple=frames_multiple, **sampling)
-        sink = _Sink(indices, hw, None, "frames")
-        for idx in sink.wanted():
-            sink.put(idx, src[idx])
-        return sink.out, _metadata(indices, rate, len(src), "frames", src.width, src.height, None, {"input": "frames"})
+        return "frames", None, None
+    return "file", None, path
 
-    # ---- video files
-    return _load_video_file(path, hw, backend, frames_multiple, sampling, num_threads)
+
+def _frame_source(video, video_fps):
+    src = _FrameSource(video)
+    rate = _valid_rate(video_fps) if video_fps is not None else 1.0
+    if rate is None:
+        raise ValueError(f"video_fps must be > 0, got {video_fps!r}")
+    return src, rate
 
 
 def _metadata(indices, fps, total, backend, width, height, path, extra) -> VideoLoadMetadata:
@@ -1007,7 +1047,8 @@ def _metadata(indices, fps, total, backend, width, height, path, extra) -> Video
     )
 
 
-def _load_video_file(path, hw, backend, frames_multiple, sampling, num_threads):
+def _backends_and_probe(path, backend, stacklevel=4):
+    """Backends to try, in order, and the PyAV packet index of the file (None without PyAV)."""
     if backend is None:
         order = available_backends()
         if not order:
@@ -1024,7 +1065,12 @@ def _load_video_file(path, hw, backend, frames_multiple, sampling, num_threads):
             msg = (f"{path}: the video looks truncated or damaged ({probe.total_frames} readable frames"
                    + (f" of {probe.declared_frames} declared" if probe.declared_frames else "")
                    + (f", {probe.n_corrupt} corrupt packets" if probe.n_corrupt else "") + "); sampling from the readable frames")
-            warnings.warn(msg, stacklevel=3)
+            warnings.warn(msg, stacklevel=stacklevel)
+    return order, probe
+
+
+def _load_video_file(path, hw, backend, frames_multiple, sampling, num_threads):
+    order, probe = _backends_and_probe(path, backend)
 
     errors = []
     for name in order:
@@ -1061,7 +1107,8 @@ def _load_with_pyav(path, probe, hw, frames_multiple, sampling, num_threads):
     return sink.out, _metadata(indices, fps, probe.total_frames, "pyav", probe.width, probe.height, path, info)
 
 
-def _load_with_decord(path, probe, hw, frames_multiple, sampling):
+def _decord_reader(path, probe):
+    """An open decord reader of a file decord may read: ``(reader, total frames, fps, fps source)``."""
     if probe is not None:
         problem = probe.decord_problem()
         if problem:
@@ -1079,6 +1126,11 @@ def _load_with_decord(path, probe, hw, frames_multiple, sampling):
     if fps is None:
         fps = (probe.fps or probe.fallback_fps) if probe is not None else 1.0
         fps_source = "fallback"
+    return vr, total, fps, fps_source
+
+
+def _load_with_decord(path, probe, hw, frames_multiple, sampling):
+    vr, total, fps, fps_source = _decord_reader(path, probe)
     indices = sample_frame_indices(total, fps, frames_multiple=frames_multiple, **sampling)
     width, height = (probe.width, probe.height) if probe is not None else (0, 0)
     sink = _Sink(indices, hw, (height, width) if probe is not None else None, path)
@@ -1101,3 +1153,336 @@ def _use_seek(n_targets: int, gop: float, total_frames: int) -> bool:
     """env_probe section 4: a random access costs about half a GOP of decoding, so seek between spans when
     that is cheaper than reading straight through."""
     return n_targets * gop / 2 < total_frames
+
+
+# ------------------------------------------------------------------------------------------------------------
+# streaming: the same frames, chunk by chunk
+# ------------------------------------------------------------------------------------------------------------
+DEFAULT_CHUNK_FRAMES = 32
+
+
+class _ChunkAssembler:
+    """The sampled index list cut into chunks of ``chunk_frames``; builds each chunk from frames as they arrive.
+
+    Every unique index is resized once (right away, as :class:`_Sink` does) and kept only until the last chunk that
+    uses it has been handed out, so memory holds about one chunk of resized frames whatever the frame count (the
+    padding copies of the last frame of a short video are one stored frame).
+    """
+
+    def __init__(self, indices: list[int], chunk_frames: int, hw, src_hw, label: str):
+        self.indices = indices
+        self.chunks = [indices[i : i + chunk_frames] for i in range(0, len(indices), chunk_frames)]
+        self.unique = [sorted(set(chunk)) for chunk in self.chunks]
+        self.last_chunk: dict[int, int] = {}
+        for k, chunk in enumerate(self.unique):
+            for idx in chunk:
+                self.last_chunk[idx] = k
+        self.last_target = [chunk[-1] for chunk in self.unique]
+        self.hw = hw
+        self.shape = None if hw is None and src_hw is None else (*(hw or src_hw), 3)
+        self.label = label
+        self.frames: dict[int, np.ndarray] = {}
+        self.next = 0  # the next chunk to hand out
+        self._lock = threading.Lock()  # put() may be called by several decoder threads
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def targets(self) -> list[int]:
+        """Indices still needed by the chunks not handed out yet and not held, increasing."""
+        return sorted(i for i, k in self.last_chunk.items() if k >= self.next and i not in self.frames)
+
+    def wanted(self, k: int) -> list[int]:
+        return [i for i in self.unique[k] if i not in self.frames]
+
+    def missing(self, k: int) -> list[int]:
+        return self.wanted(k)
+
+    def put(self, idx: int, rgb: np.ndarray) -> None:
+        if self.last_chunk.get(idx, -1) < self.next or idx in self.frames:
+            return
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"{self.label}: frame {idx} is not an (H, W, 3) uint8 image (shape {rgb.shape})")
+        img = np.ascontiguousarray(_resize(rgb, self.hw))
+        with self._lock:
+            if self.shape is None:
+                self.shape = img.shape
+            if img.shape != self.shape:
+                raise ValueError(
+                    f"{self.label}: frame {idx} is {rgb.shape[1]}x{rgb.shape[0]} but earlier frames are "
+                    f"{self.shape[1]}x{self.shape[0]}; pass size= to resize frames of varying size"
+                )
+            self.frames[idx] = img
+
+    def take(self, k: int) -> np.ndarray:
+        """Chunk ``k`` (all its frames must be held) as a (n, H, W, 3) uint8 array."""
+        assert k == self.next
+        chunk = self.chunks[k]
+        out = np.empty((len(chunk), *self.shape), dtype=np.uint8)
+        for j, idx in enumerate(chunk):
+            out[j] = self.frames[idx]
+        for idx in self.unique[k]:
+            if self.last_chunk[idx] == k:
+                del self.frames[idx]
+        self.next = k + 1
+        return out
+
+
+def iter_video_chunks(
+    video,
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+    max_num_frames: int = DEFAULT_MAX_NUM_FRAMES,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    size=None,
+    backend: str | None = None,
+    min_num_frames: int = DEFAULT_MIN_NUM_FRAMES,
+    frames_multiple: int = DEFAULT_FRAMES_MULTIPLE,
+    *,
+    video_fps: float | None = None,
+    num_threads: int | None = None,
+) -> tuple[VideoLoadMetadata, Iterator[np.ndarray]]:
+    """:func:`load_video`, streamed: the same sampled frames, handed out ``chunk_frames`` at a time.
+
+    The index list is sampled once, up front (same rule, same inputs, same metadata as :func:`load_video`); the
+    iterator then decodes only what each chunk needs, in time order, so memory holds about one chunk of resized
+    frames whatever the frame count. ``np.concatenate(list(chunks))`` equals ``load_video(...)[0]`` exactly.
+
+    * Files (PyAV): one decoding pass over the packet spans that the whole index list needs (seek or read through
+      by the same rule as ``load_video``), with one decoder, paused between chunks; files without usable
+      timestamps are decoded straight through and matched by counting. A chunk whose frames did not come out of
+      the timestamp-matched pass is retried by counting; with ``backend=None`` a PyAV failure part way continues
+      with decord (where decord is allowed on the file and samples the same indices), with a ``UserWarning``.
+    * decord: the frames of each chunk are fetched in batches (16 frames, at most 16 MB), as in ``load_video``.
+    * Still images and already-decoded frames are cut into chunks (frames are resized chunk by chunk).
+
+    Args:
+        video, max_num_frames, num_frames, fps, size, backend, min_num_frames, frames_multiple, video_fps,
+            num_threads: as in :func:`load_video`.
+        chunk_frames: frames per chunk (the last one may be shorter); a multiple of 4 keeps chunks whole clips.
+
+    Returns:
+        ``(metadata, chunks)``: the :class:`VideoLoadMetadata` (``extra`` is filled in while decoding: mode,
+        ``chunk_frames``, ``streaming=True``) and an iterator of (n, H, W, 3) uint8 arrays in time order. Bad
+        paths, unreadable files and bad arguments raise here, at once; decoding failures raise ``ValueError``
+        from the iterator.
+    """
+    chunk_frames = _as_int("chunk_frames", chunk_frames)
+    if chunk_frames <= 0:
+        raise ValueError(f"chunk_frames must be > 0, got chunk_frames={chunk_frames}")
+    max_num_frames, num_frames, fps, min_num_frames, frames_multiple = _check_sampling_args(
+        max_num_frames, num_frames, fps, min_num_frames, frames_multiple
+    )
+    hw, num_threads, sampling = _common_args(size, backend, num_threads, max_num_frames, num_frames, fps, min_num_frames)
+    kind, image, path = _classify_input(video)
+    stream = {"streaming": True, "chunk_frames": chunk_frames}
+
+    if kind == "image":
+        indices = sample_frame_indices(1, 1.0, frames_multiple=CLIP_FRAMES, **sampling)
+        asm = _ChunkAssembler(indices, chunk_frames, hw, image.shape[:2], path or "image")
+        meta = _metadata(indices, 1.0, 1, "frames", image.shape[1], image.shape[0], path, {"input": "image", **stream})
+        return meta, _stream_image(asm, np.ascontiguousarray(image))
+    if kind == "frames":
+        src, rate = _frame_source(video, video_fps)
+        indices = sample_frame_indices(len(src), rate, frames_multiple=frames_multiple, **sampling)
+        asm = _ChunkAssembler(indices, chunk_frames, hw, None, "frames")
+        meta = _metadata(indices, rate, len(src), "frames", src.width, src.height, None, {"input": "frames", **stream})
+        return meta, _stream_frames(asm, src)
+    return _iter_video_file(path, chunk_frames, hw, backend, frames_multiple, sampling, num_threads, stream)
+
+
+def _stream_image(asm: _ChunkAssembler, image: np.ndarray) -> Iterator[np.ndarray]:
+    asm.put(0, image)
+    for k in range(len(asm)):
+        yield asm.take(k)
+
+
+def _stream_frames(asm: _ChunkAssembler, src: _FrameSource) -> Iterator[np.ndarray]:
+    for k in range(len(asm)):
+        for idx in asm.wanted(k):
+            asm.put(idx, src[idx])
+        yield asm.take(k)
+
+
+def _iter_video_file(path, chunk_frames, hw, backend, frames_multiple, sampling, num_threads, stream):
+    order, probe = _backends_and_probe(path, backend, stacklevel=4)
+    errors = []
+    for name in order:
+        try:
+            if name == "pyav":
+                fps = probe.fps or probe.fallback_fps
+                indices = sample_frame_indices(probe.total_frames, fps, frames_multiple=frames_multiple, **sampling)
+                asm = _ChunkAssembler(indices, chunk_frames, hw, (probe.height, probe.width), path)
+                info = dict(stream, codec=probe.codec, gop=round(probe.gop, 2),
+                            fps_source="stream" if probe.fps else "fallback")
+                meta = _metadata(indices, fps, probe.total_frames, "pyav", probe.width, probe.height, path, info)
+                fallback = backend is None and "decord" in order
+                return meta, _stream_pyav_guarded(probe, asm, num_threads, meta, fallback, frames_multiple, sampling)
+            vr, total, fps, fps_source = _decord_reader(path, probe)
+            indices = sample_frame_indices(total, fps, frames_multiple=frames_multiple, **sampling)
+            if probe is not None:
+                height, width = probe.height, probe.width
+            else:  # the size of the first frame
+                height, width = (int(d) for d in vr[0].shape[:2])
+                vr.seek(0)
+            asm = _ChunkAssembler(indices, chunk_frames, hw, (height, width), path)
+            meta = _metadata(indices, fps, total, "decord", width, height, path, dict(stream, fps_source=fps_source))
+            return meta, _stream_decord_guarded(vr, path, asm, 3 * width * height)
+        except _BackendFailed as e:
+            errors.append(str(e))
+            if backend is None and name != order[-1]:
+                warnings.warn(f"{e}; trying the next backend", stacklevel=3)
+    raise ValueError("; ".join(errors))
+
+
+def _drain(source, asm: _ChunkAssembler) -> Iterator[np.ndarray]:
+    """Hand out the chunks of ``asm`` from ``source``, an iterator of ``(index, rgb)`` in increasing index order.
+
+    Chunk ``k`` is settled as soon as a frame at or past its last index has come out: complete, it is handed out;
+    incomplete, draining stops there (``asm.next`` is that chunk) and the caller decides. Also stops when the source
+    ends before every chunk is complete."""
+    n = len(asm)
+    stuck = False
+    try:
+        for idx, rgb in source:
+            asm.put(idx, rgb)
+            while asm.next < n and idx >= asm.last_target[asm.next]:
+                if asm.missing(asm.next):
+                    stuck = True
+                    break
+                yield asm.take(asm.next)
+            if stuck:
+                return
+    finally:
+        source.close()
+    while asm.next < n and not asm.missing(asm.next):
+        yield asm.take(asm.next)
+
+
+def _stream_spans_parallel(probe: _Probe, asm: _ChunkAssembler, num_threads: int, info: dict):
+    """Seek mode with several threads: the spans of each chunk are shared among up to ``num_threads`` decoders,
+    exactly as ``load_video`` shares the spans of the whole video. Stops at a chunk with frames missing."""
+    pos_of_pts = {int(p): i for i, p in enumerate(probe.pts.tolist())}
+    info.update(workers=0, spans=0, packets_in_spans=0)
+    for k in range(asm.next, len(asm)):
+        targets = asm.wanted(k)
+        if targets:
+            ranges = _plan_ranges(probe, targets)
+            workers = max(1, min(num_threads, len(ranges)))
+            groups = _split(ranges, workers) if workers > 1 else [ranges]
+            per_worker = max(1, num_threads // len(groups))
+            target_of_pos = {int(probe.frame_pos[t]): t for t in targets}
+            info.update(workers=max(info["workers"], len(groups)), spans=info["spans"] + len(ranges),
+                        packets_in_spans=info["packets_in_spans"] + int(sum(e - s + 1 for s, e in ranges)))
+            errors: list[BaseException] = []
+
+            def run(group, threads):
+                try:
+                    for idx, rgb in _pyav_worker_frames(probe, group, target_of_pos, pos_of_pts, True, threads):
+                        asm.put(idx, rgb)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    errors.append(e)
+
+            if len(groups) == 1:
+                run(groups[0], num_threads)
+            else:
+                threads = [threading.Thread(target=run, args=(g, per_worker), daemon=True) for g in groups]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            if errors:
+                raise errors[0]
+        if asm.missing(k):
+            return
+        yield asm.take(k)
+
+
+def _stream_pyav(probe: _Probe, asm: _ChunkAssembler, num_threads: int, info: dict) -> Iterator[np.ndarray]:
+    """Chunks of ``asm`` decoded by PyAV, with the plan of ``load_video`` for the whole index list: read straight
+    through (one decoder, ``num_threads`` codec threads, paused between chunks), or seek to each span (the spans
+    of a chunk shared among ``num_threads`` decoders). A chunk whose frames did not all come out of the
+    timestamp-matched pass is decoded again, with everything after it, straight through and matched by counting."""
+    n = len(asm)
+    if probe.use_pts:
+        targets = asm.targets()
+        seek_mode = _use_seek(len(targets), probe.gop, probe.total_frames)
+        info["mode"] = "seek" if seek_mode else "sequential"
+        if seek_mode and num_threads > 1:
+            yield from _stream_spans_parallel(probe, asm, num_threads, info)
+        else:
+            ranges = _plan_ranges(probe, targets)
+            target_of_pos = {int(probe.frame_pos[t]): t for t in targets}
+            pos_of_pts = {int(p): i for i, p in enumerate(probe.pts.tolist())}
+            info.update(workers=1, spans=len(ranges), packets_in_spans=int(sum(e - s + 1 for s, e in ranges)))
+            yield from _drain(
+                _pyav_worker_frames(probe, ranges, target_of_pos, pos_of_pts, seek_mode, num_threads), asm
+            )
+        if asm.next == n:
+            return
+        # timestamps did not line up with the decoder's output: decode the rest straight through instead
+        missing = asm.missing(asm.next)
+        info["retry"] = (f"frames {missing[:8]} not matched by timestamp; chunks {asm.next}.. decoded straight "
+                         "through")
+    else:
+        info["mode"] = "sequential (frames matched by count)"
+    yield from _drain(_pyav_counting_frames(probe, asm.targets(), num_threads), asm)
+    if asm.next < n:
+        missing = asm.missing(asm.next)
+        raise _BackendFailed(
+            f"PyAV could not decode frames {missing[:8]}{'...' if len(missing) > 8 else ''} of {probe.path!r} "
+            f"({probe.total_frames} frames indexed); the file is probably damaged"
+        )
+
+
+def _stream_pyav_guarded(probe, asm, num_threads, meta, fallback: bool, frames_multiple, sampling):
+    """:func:`_stream_pyav` with load_video's error handling: PyAV failures are ``ValueError``; with
+    ``backend=None`` the chunks not handed out yet come from decord where it may read the file and samples the
+    same frame indices."""
+    info = meta.extra
+    try:
+        try:
+            yield from _stream_pyav(probe, asm, num_threads, info)
+            return
+        except av.error.FFmpegError as e:
+            raise _BackendFailed(f"PyAV failed on {probe.path!r}: {type(e).__name__}: {e}") from None
+        except (ValueError, _BackendFailed):
+            raise
+        except Exception as e:  # anything else unexpected: let the other backend try
+            raise _BackendFailed(f"PyAV failed on {probe.path!r}: {type(e).__name__}: {e}") from None
+    except _BackendFailed as e:
+        error = e
+    if not fallback:
+        raise ValueError(str(error))
+    warnings.warn(f"{error}; trying the next backend for chunks {asm.next}..", stacklevel=2)
+    try:
+        vr, total, fps, _ = _decord_reader(probe.path, probe)
+        if sample_frame_indices(total, fps, frames_multiple=frames_multiple, **sampling) != asm.indices:
+            raise _BackendFailed(f"decord samples other frames of {probe.path!r} (frame rate {fps} vs {meta.fps})")
+    except _BackendFailed as e:
+        raise ValueError(f"{error}; {e}") from None
+    info["fallback"] = f"decord from chunk {asm.next}"
+    yield from _stream_decord_guarded(vr, probe.path, asm, 3 * probe.width * probe.height, str(error))
+
+
+def _stream_decord_guarded(vr, path, asm: _ChunkAssembler, frame_bytes: int, earlier: str | None = None):
+    step = max(1, min(_DECORD_CHUNK, _DECORD_CHUNK_BYTES // max(frame_bytes, 1)))
+    try:
+        for k in range(asm.next, len(asm)):
+            wanted = asm.wanted(k)
+            for i in range(0, len(wanted), step):
+                part = wanted[i : i + step]
+                try:
+                    batch = vr.get_batch(part).asnumpy()
+                except Exception as e:
+                    msg = f"decord failed on {path!r}: {str(e).splitlines()[-1][:300]}"
+                    raise ValueError(f"{earlier}; {msg}" if earlier else msg) from None
+                for j, idx in enumerate(part):
+                    asm.put(idx, batch[j])
+                del batch
+            yield asm.take(k)
+    finally:
+        try:
+            vr.seek(0)
+        except Exception:
+            pass
