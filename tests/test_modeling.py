@@ -306,11 +306,14 @@ def test_labels_ignore_visual_and_padding_positions(tiny):
 
 
 # ------------------------------------------------------------------------------------------------ hygiene
+CUDA_CALL = ".cuda" + "()"  # spelled in two parts so this file does not contain the call it forbids
+
+
 def test_no_cuda_calls_and_guarded_flash_attn():
     sources = [p for p in REPO_ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
     for path in sources:
         text = path.read_text()
-        assert ".cuda()" not in text, path
+        assert CUDA_CALL not in text, path
         for match in re.finditer(r"^(\s*)(import flash_attn|from flash_attn)", text, flags=re.MULTILINE):
             preceding = text[: match.start()].splitlines()[-3:]
             assert match.group(1) and any(line.strip().startswith("try:") for line in preceding), path
