@@ -1,8 +1,12 @@
 """Visual encoding throughput of a full-size UMT-L tower (random weights) + ToMe merge.
 
-Ours: `VideoChatFlashModel.encode_clips`, i.e. several 4-frame clips per tower call, sdpa attention, merging
-vectorised over clips. Baseline: the plain way, one clip at a time through the tower with eager attention, then
-the projector on that clip. Frames/s at 224 and 448 px in float32 and bfloat16; the ratios are printed last.
+Ours: `VideoChatFlashModel.encode_clips`, i.e. several 4-frame clips per tower call, sdpa attention, oneDNN
+float32 GEMMs for the linear layers on CPU, merging vectorised over clips. Baseline: the plain way, written out
+here with stock PyTorch ops over the same weights (nn.Linear, eager softmax attention, Conv3d patches), one clip
+at a time, then the projector on that clip. Frames/s at 224 and 448 px in float32 and bfloat16; ratios last.
+
+For float32 it also profiles ours: the time and FLOP rate of its linear layers and of its attention, next to a
+square float32 matmul on this machine, i.e. how close to the machine's GEMM peak the remaining time already is.
 
     python bench/bench_encode.py [--clips-224 4] [--clips-448 1] [--dtypes float32,bfloat16]
 """
@@ -13,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,19 +41,59 @@ def ours(model, clips):
     return model.encode_clips(clips)
 
 
+def plain_tower(tower, clip):
+    """`(T, 3, S, S)` -> `(1, T * L, C)`: the textbook ViT forward of the UMT tower with stock ops."""
+    encoder = tower.vision_tower.encoder
+    patches = encoder.patch_embed.proj(clip.transpose(0, 1)[None])  # Conv3d on (1, 3, T, S, S)
+    hidden = patches.flatten(2).transpose(1, 2)  # (1, T * L, C)
+    hidden = hidden + encoder.position_table("video", hidden.device, hidden.dtype)
+    batch, length, width = hidden.shape
+    for block in encoder.blocks:
+        attn = block.attn
+        bias = torch.cat([attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias])
+        qkv = F.linear(block.norm1(hidden), attn.qkv.weight, bias)
+        query, key, value = qkv.reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax((query * attn.scale) @ key.transpose(-2, -1), dim=-1)
+        hidden = hidden + attn.proj((weights @ value).transpose(1, 2).reshape(batch, length, width))
+        hidden = hidden + block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(hidden))))
+    return encoder.vision_layernorm(hidden)
+
+
 def plain_loop(model, clips):
-    model.vision_tower.set_attn_implementation("eager")
-    model._vision_attn_implementation = "eager"
-    try:
-        outputs = []
-        for clip in clips:  # one clip per call, as the original encodes a video
-            features = model.vision_tower(clip[None])
-            features = features.reshape(clip.shape[0], -1, features.shape[-1])
-            outputs.append(model.mm_projector(features, compress=True, local_num_frames=clip.shape[0]))
-        return torch.cat(outputs)
-    finally:
-        model.vision_tower.set_attn_implementation("sdpa")
-        model._vision_attn_implementation = "sdpa"
+    outputs = []
+    for clip in clips:  # one clip per call, as the original encodes a video
+        features = plain_tower(model.vision_tower, clip)
+        features = features.reshape(clip.shape[0], -1, features.shape[-1])
+        outputs.append(model.mm_projector(features, compress=True, local_num_frames=clip.shape[0]))
+    return torch.cat(outputs)
+
+
+def profile_ours(model, clips):
+    """Seconds and GFLOP/s of ours' linear layers and attention, and its total seconds (one profiled run)."""
+    tower = model.vision_tower.vision_tower.encoder
+    tokens = clips.shape[0] * clips.shape[1] * (tower.image_size // tower.patch_embed.patch_size) ** 2
+    block = tower.blocks[0]
+    width, hidden_mlp = block.mlp.fc1.in_features, block.mlp.fc1.out_features
+    linear_flops = 2 * tokens * width * (4 * width + 2 * hidden_mlp) * len(tower.blocks)  # qkv, proj, fc1, fc2
+    clip_tokens = tokens // clips.shape[0]
+    attention_flops = 4 * clips.shape[0] * clip_tokens**2 * width * len(tower.blocks)  # q @ k^T and weights @ v
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        ours(model, clips)
+        total = time.perf_counter() - start
+    events = prof.key_averages()
+    linear = sum(e.self_cpu_time_total for e in events if e.key in ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm")) / 1e6
+    attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key) / 1e6
+    return total, linear, linear_flops / linear / 1e9, attention, attention_flops / attention / 1e9
+
+
+def square_matmul_gflops(dtype, size=2048):
+    square = torch.randn(size, size, dtype=dtype)
+    with torch.inference_mode():
+        square @ square
+        start = time.perf_counter()
+        square @ square
+        return 2 * size**3 / (time.perf_counter() - start) / 1e9
 
 
 def timed(fn, *args):
@@ -87,6 +132,12 @@ def main():
             print(f"{image_size} px {dtype_name:8s}: ours {frames / t_ours:6.2f} frames/s, plain loop "
                   f"{frames / t_plain:6.2f} frames/s ({frames} frames; max |diff| {diff:.1e})")
             ratios[(image_size, dtype_name)] = t_plain / t_ours
+            if dtype == torch.float32:
+                total, linear, linear_rate, attention, attention_rate = profile_ours(model, clips)
+                print(f"    ours, profiled: {total:.2f} s = linear layers {linear:.2f} s at {linear_rate:.0f} GFLOP/s + "
+                      f"attention {attention:.2f} s at {attention_rate:.0f} GFLOP/s + the rest "
+                      f"{total - linear - attention:.2f} s (a 2048x2048 float32 matmul here: "
+                      f"{square_matmul_gflops(dtype):.0f} GFLOP/s)")
             del model
     print()
     for (image_size, dtype_name), ratio in ratios.items():

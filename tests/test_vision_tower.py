@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import PretrainedConfig, PreTrainedModel
 
-from vision_tower import ToMeProjector, UMTVisionTower
+from vision_tower import ToMeProjector, UMTVisionTower, umt
 from vision_tower.token_merging import merge_schedule
 
 ATOL = 2e-5
@@ -146,6 +146,59 @@ def test_tower_batch_equals_single_runs():
         singles = torch.cat([tower(clips[:1]), tower(clips[1:])])
     assert batched.shape == (2, 4 * 196, 64)
     assert max_diff(batched, singles) <= 1e-5
+
+
+def linear_kernels(fn):
+    """Run `fn` under the profiler; return (its result, the set of linear-layer ops that ran)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    names = {event.key for event in prof.key_averages()}
+    return result, names & {"mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear"}
+
+
+def test_float32_cpu_inference_runs_onednn_linears_with_the_stock_result():
+    """No-grad float32 on CPU takes oneDNN's GEMM (GELU fused); with gradients the stock ops run and backprop;
+    both agree to float32 rounding. bfloat16 keeps the stock ops."""
+    tower = random_tower()
+    torch.manual_seed(3)
+    pixels = torch.randn(1, 4, 3, 224, 224)
+    with torch.no_grad():
+        fast, fast_ops = linear_kernels(lambda: tower(pixels))
+    stock, stock_ops = linear_kernels(lambda: tower(pixels))
+    stock.sum().backward()
+    assert all(param.grad is not None for param in tower.parameters() if param.requires_grad)
+    assert "mkldnn::_linear_pointwise" not in stock_ops
+    assert ("mkldnn::_linear_pointwise" in fast_ops) == umt._ONEDNN_LINEAR
+    print(f"oneDNN vs stock linear layers: max abs diff {max_diff(fast, stock):.3g}")
+    assert max_diff(fast, stock) <= 1e-5
+    with torch.no_grad():
+        _, bf16_ops = linear_kernels(lambda: tower.to(torch.bfloat16)(pixels.bfloat16()))
+    assert "mkldnn::_linear_pointwise" not in bf16_ops
+
+
+def test_wrapped_linear_layers_run_their_own_forward():
+    """A layer that is not a plain nn.Linear (a PEFT adapter, a quantised subclass) is called, never bypassed."""
+    calls = []
+
+    class Counted(torch.nn.Linear):
+        def forward(self, hidden_states):
+            calls.append(self)
+            return super().forward(hidden_states)
+
+    tower = random_tower()
+    pixels = torch.randn(1, 4, 3, 224, 224)
+    blocks = tower.vision_tower.encoder.blocks
+    with torch.no_grad():
+        reference = tower(pixels)
+        for block in blocks:
+            for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+                plain = getattr(parent, name)
+                wrapped = Counted(plain.in_features, plain.out_features, bias=plain.bias is not None)
+                wrapped.load_state_dict(plain.state_dict())
+                setattr(parent, name, wrapped)
+        wrapped_output = tower(pixels)
+    assert len(calls) == 4 * len(blocks)
+    assert max_diff(wrapped_output, reference) <= 1e-5
 
 
 def test_tower_bfloat16_forward():
