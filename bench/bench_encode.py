@@ -8,7 +8,7 @@ at a time, then the projector on that clip. Frames/s at 224 and 448 px in float3
 For float32 it also profiles ours: the time and FLOP rate of its linear layers and of its attention, next to a
 square float32 matmul on this machine, i.e. how close to the machine's GEMM peak the remaining time already is.
 
-    python bench/bench_encode.py [--clips-224 4] [--clips-448 1] [--dtypes float32,bfloat16]
+    python bench/bench_encode.py [--clips-224 4] [--clips-448 1] [--dtypes float32,bfloat16] [--device cuda]
 """
 
 import argparse
@@ -100,6 +100,8 @@ def timed(fn, *args):
     with torch.inference_mode():
         start = time.perf_counter()
         result = fn(*args)
+        if result.is_cuda:  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize(result.device)
         return time.perf_counter() - start, result
 
 
@@ -109,14 +111,17 @@ def main():
     parser.add_argument("--clips-448", type=int, default=1)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}")
     ratios = {}
     for image_size, num_clips in ((224, args.clips_224), (448, args.clips_448)):
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
-            model = build(image_size, dtype)
-            clips = torch.randn(num_clips, 4, 3, image_size, image_size, dtype=dtype)
+            model = build(image_size, dtype).to(device)
+            clips = torch.randn(num_clips, 4, 3, image_size, image_size, dtype=dtype, device=device)
             with torch.inference_mode():  # warm-up both paths on one clip
                 ours(model, clips[:1])
                 plain_loop(model, clips[:1])
@@ -132,7 +137,7 @@ def main():
             print(f"{image_size} px {dtype_name:8s}: ours {frames / t_ours:6.2f} frames/s, plain loop "
                   f"{frames / t_plain:6.2f} frames/s ({frames} frames; max |diff| {diff:.1e})")
             ratios[(image_size, dtype_name)] = t_plain / t_ours
-            if dtype == torch.float32:
+            if dtype == torch.float32 and device.type == "cpu":
                 total, linear, linear_rate, attention, attention_rate = profile_ours(model, clips)
                 print(f"    ours, profiled: {total:.2f} s = linear layers {linear:.2f} s at {linear_rate:.0f} GFLOP/s + "
                       f"attention {attention:.2f} s at {attention_rate:.0f} GFLOP/s + the rest "
