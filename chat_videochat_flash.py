@@ -199,7 +199,7 @@ class VideoChatFlashChatMixin:
         base = self.model
         clip = self.config.mm_local_num_frames
         clips = pixels.reshape(-1, clip, *pixels.shape[1:])
-        chunks = torch.split(clips, max(1, int(getattr(base, "vision_clips_per_batch", 16))))
+        chunks = torch.split(clips, base.clips_per_tower_call)
         bar = None
         if progress:
             from tqdm.auto import tqdm

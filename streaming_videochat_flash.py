@@ -176,7 +176,7 @@ def encode_video_streaming(
             ``max_num_frames``, e.g. 10,000; or exactly ``num_frames``; or ``fps`` frames/s). When ``num_frames`` and
             ``fps`` are both None the processor's settings apply.
         clips_per_chunk: 4-frame clips decoded, normalised and encoded together (memory grows with it, not with the
-            frame count); the vision tower further splits a chunk by ``model.model.vision_clips_per_batch``.
+            frame count); the vision tower further splits a chunk by ``model.model.clips_per_tower_call``.
         backend, video_fps, num_threads: passed to ``iter_video_chunks`` (decoder, rate of decoded frames, threads).
         prefetch: chunks decoded and normalised ahead by a background thread while the model encodes (0: none).
         progress: show tqdm bars over the frames decoded and the clips encoded.

@@ -1,7 +1,7 @@
 """Visual encoding throughput of a full-size UMT-L tower (random weights) + ToMe merge.
 
-Ours: `VideoChatFlashModel.encode_clips`, i.e. several 4-frame clips per tower call, sdpa attention, oneDNN
-float32 GEMMs for the linear layers on CPU, merging vectorised over clips. Baseline: the plain way, written out
+Ours: `VideoChatFlashModel.encode_clips` as shipped (4-frame clips, `clips_per_tower_call` per call, sdpa, oneDNN
+float32 GEMMs for the linear layers on CPU, merging vectorised over clips). Baseline: the plain way, written out
 here with stock PyTorch ops over the same weights (nn.Linear, eager softmax attention, Conv3d patches), one clip
 at a time, then the projector on that clip. Frames/s at 224 and 448 px in float32 and bfloat16; ratios last.
 
@@ -36,7 +36,6 @@ def build(image_size, dtype):
 
 
 def ours(model, clips):
-    model.vision_clips_per_batch = clips.shape[0]
     model.config._attn_implementation = "sdpa"
     return model.encode_clips(clips)
 

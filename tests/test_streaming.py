@@ -224,12 +224,13 @@ def test_streaming_encoding_equals_one_shot(tiny, media):
     spacing.fill_diagonal_(float("inf"))
     min_spacing = spacing.min().item()
     report = []
-    for clips_per_chunk, tower_batch in ((1, 16), (3, 16), (5, 2), (8, 16), (13, 16), (64, 16)):
+    assert tiny.model.clips_per_tower_call == 2  # the CPU default (None -> 2 clips per vision-tower call)
+    for clips_per_chunk, tower_batch in ((1, 16), (3, None), (5, 2), (8, 16), (13, None), (64, 16)):
         tiny.model.vision_clips_per_batch = tower_batch
         try:
             features, meta = encode_video_streaming(tiny, media["clip"], num_frames=52, clips_per_chunk=clips_per_chunk)
         finally:
-            tiny.model.vision_clips_per_batch = 16
+            tiny.model.vision_clips_per_batch = None
         assert meta.num_frames == 52 and features.shape == reference.shape
         assert features.dtype == reference.dtype and features.device == reference.device
         diff = (features - reference).abs().max().item()
