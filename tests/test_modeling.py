@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, golden_path
 from configuration_videochat_flash import VideoChatFlashConfig
-from modeling_videochat_flash import DROP_STATE_ATTRIBUTE, VideoChatFlashForCausalLM
+from modeling_videochat_flash import DROP_STATE_ATTRIBUTE, VideoChatFlashForCausalLM, VideoChatFlashModel
 from tiny_model import TINY_SPECIAL_IDS, build_tiny_model
 
 GOLDEN_VIDEO_TOKEN_ID = 259  # the id the processor gives its video placeholder in the byte-level tokenizer
@@ -408,3 +408,24 @@ def test_eager_reaches_the_vision_tower_and_device_map_auto_loads(tmp_path):
         == {"eager"}
     assert (eager_logits - expected).abs().max().item() < 1e-4
     assert (spread_logits - expected).abs().max().item() < 1e-5
+
+
+def test_clips_per_tower_call_follow_device_dtype_and_tower_size(monkeypatch):
+    """CPU calls keep the MLP activation near a cache's size; accelerators take 16 clips; an explicit setting wins."""
+
+    def umt_large(image_size, dtype):
+        config = VideoChatFlashConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      mm_vision_tower="umt-hd-large" if image_size == 448 else "umt-large")
+        with torch.device("meta"):
+            return VideoChatFlashModel(config).to(dtype)
+
+    on_meta = umt_large(224, torch.float32)
+    assert on_meta.clips_per_tower_call == 16  # not a CPU
+    monkeypatch.setattr(VideoChatFlashModel, "vision_tower_device", property(lambda self: torch.device("cpu")))
+    assert umt_large(224, torch.float32).clips_per_tower_call == 2
+    assert umt_large(224, torch.bfloat16).clips_per_tower_call == 5
+    assert umt_large(448, torch.float32).clips_per_tower_call == 1
+    assert build_tiny_model().model.clips_per_tower_call == 16
+    on_meta.vision_clips_per_batch = 3
+    assert on_meta.clips_per_tower_call == 3

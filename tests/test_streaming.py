@@ -224,8 +224,8 @@ def test_streaming_encoding_equals_one_shot(tiny, media):
     spacing.fill_diagonal_(float("inf"))
     min_spacing = spacing.min().item()
     report = []
-    assert tiny.model.clips_per_tower_call == 2  # the CPU default (None -> 2 clips per vision-tower call)
-    for clips_per_chunk, tower_batch in ((1, 16), (3, None), (5, 2), (8, 16), (13, None), (64, 16)):
+    assert tiny.model.clips_per_tower_call == 16  # the CPU default for so small a tower
+    for clips_per_chunk, tower_batch in ((1, 16), (3, None), (5, 2), (8, 16), (13, 3), (64, 16)):
         tiny.model.vision_clips_per_batch = tower_batch
         try:
             features, meta = encode_video_streaming(tiny, media["clip"], num_frames=52, clips_per_chunk=clips_per_chunk)

@@ -356,6 +356,7 @@ class UMTVisionTower(nn.Module):
         self.patch_size = patch_size
         self.num_frames = num_frames
         self.num_blocks = num_blocks
+        self.intermediate_size = int(hidden_size * mlp_ratio)
         self.vision_tower = UMTVisionTransformer(
             hidden_size=hidden_size,
             num_blocks=num_blocks,
