@@ -199,21 +199,15 @@ class VideoChatFlashChatMixin:
         base = self.model
         clip = self.config.mm_local_num_frames
         clips = pixels.reshape(-1, clip, *pixels.shape[1:])
-        chunks = torch.split(clips, base.clips_per_tower_call)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=clips.shape[0], desc="Encoding clips", unit="clip", leave=False)
-        encoded = []
-        with torch.no_grad():
-            for chunk in chunks:  # same results as get_video_features, which encodes in the same chunks
-                encoded.append(base.encode_clips(chunk))
-                if bar is not None:
-                    bar.update(chunk.shape[0])
+        with torch.no_grad():  # the same tokens as get_video_features, which also encodes through encode_clips
+            tokens = base.encode_clips(clips, on_chunk=bar.update if bar is not None else None)
         if bar is not None:
             bar.close()
-        tokens = torch.cat(encoded)
         result = (tokens.reshape(-1, tokens.shape[-1]), pixels.shape[0], metadata[0])
         if key is not None and self.chat_cache_size > 0:
             cache[key] = result

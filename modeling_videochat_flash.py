@@ -234,11 +234,13 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
                       * self.vision_tower_dtype.itemsize)
         return max(1, min(16, CPU_TOWER_CALL_BYTES // clip_bytes))
 
-    def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
-        """Visual tokens of 4-frame clips.
+    def encode_clips(self, clips: torch.Tensor, on_chunk=None) -> torch.Tensor:
+        """Visual tokens of 4-frame clips, `clips_per_tower_call` clips per vision-tower call.
 
         Args:
             clips: `(num_clips, clip_frames, 3, S, S)` normalised pixels.
+            on_chunk: optional callable, given the number of clips after each tower call (e.g. a progress bar's
+                `update`).
         Returns:
             `(num_clips, 16 * clip_frames, hidden_size)` projected tokens, in time order.
         """
@@ -249,6 +251,8 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
             features = self._run_vision_tower(chunk)  # (clips, frames * patches, width)
             features = features.reshape(chunk.shape[0] * clip_frames, -1, features.shape[-1])
             outputs.append(self.mm_projector(features, compress=True, local_num_frames=clip_frames))
+            if on_chunk is not None:
+                on_chunk(chunk.shape[0])
         return torch.cat(outputs)
 
     def _run_vision_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:

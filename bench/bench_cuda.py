@@ -38,17 +38,22 @@ def check(name, passed, figure):
         failures.append(name)
 
 
-def golden_checks(device):
+def golden_model_and_inputs(device, dtype=torch.float32):
+    """The golden model on `device` in `dtype`, its tensors, and its pixels and expanded prompt ids there."""
     model, tensors = golden_full_model()
-    pixels = tensors["input.pixel_values"][None]
-    input_ids = expand_golden_ids(tensors["input.input_ids"], 16 * pixels.shape[1])
-    expected_ids = tensors["output.generated_ids"].tolist()
-    expected_logits = tensors["output.prefill_logits"]
+    model.to(device, dtype)
+    pixels = tensors["input.pixel_values"][None].to(device, dtype)
+    input_ids = expand_golden_ids(tensors["input.input_ids"], 16 * pixels.shape[1]).to(device)
+    return model, tensors, pixels, input_ids
+
+
+def golden_checks(device):
     # Exact float32 on the GPU: no TF32 in matmuls or in the patch-embedding convolution.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model.to(device)
-    pixels, input_ids = pixels.to(device), input_ids.to(device)
+    model, tensors, pixels, input_ids = golden_model_and_inputs(device)
+    expected_ids = tensors["output.generated_ids"].tolist()
+    expected_logits = tensors["output.prefill_logits"]
     with torch.inference_mode():
         logits = {}
         for implementation in ("sdpa", "eager"):
@@ -104,10 +109,7 @@ def flash_checks(device):
     if importlib.util.find_spec("flash_attn") is None:
         print("SKIP  flash_attention_2: flash-attn is not installed here")
         return
-    model, tensors = golden_full_model()
-    model.to(device, torch.bfloat16)
-    pixels = tensors["input.pixel_values"][None].to(device, torch.bfloat16)
-    input_ids = expand_golden_ids(tensors["input.input_ids"], 16 * pixels.shape[1]).to(device)
+    model, _, pixels, input_ids = golden_model_and_inputs(device, torch.bfloat16)
     with torch.inference_mode():
         sdpa = model(input_ids, pixel_values_videos=pixels, use_cache=False).logits.float()
         model.config._attn_implementation = "flash_attention_2"  # the vision tower follows the model's choice

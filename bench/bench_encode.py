@@ -69,13 +69,12 @@ def plain_loop(model, clips):
 
 def profile_ours(model, clips):
     """Seconds and GFLOP/s of ours' linear layers and attention, and its total seconds (one profiled run)."""
-    tower = model.vision_tower.vision_tower.encoder
-    tokens = clips.shape[0] * clips.shape[1] * (tower.image_size // tower.patch_embed.patch_size) ** 2
-    block = tower.blocks[0]
-    width, hidden_mlp = block.mlp.fc1.in_features, block.mlp.fc1.out_features
-    linear_flops = 2 * tokens * width * (4 * width + 2 * hidden_mlp) * len(tower.blocks)  # qkv, proj, fc1, fc2
-    clip_tokens = tokens // clips.shape[0]
-    attention_flops = 4 * clips.shape[0] * clip_tokens**2 * width * len(tower.blocks)  # q @ k^T and weights @ v
+    tower = model.vision_tower
+    width, depth = tower.hidden_size, tower.num_blocks
+    clip_tokens = clips.shape[1] * tower.num_patches_per_frame
+    tokens = clips.shape[0] * clip_tokens
+    linear_flops = 2 * tokens * width * (4 * width + 2 * tower.intermediate_size) * depth  # qkv, proj, fc1, fc2
+    attention_flops = 4 * clips.shape[0] * clip_tokens**2 * width * depth  # q @ k^T and weights @ v
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         ours(model, clips)
