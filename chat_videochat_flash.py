@@ -46,18 +46,11 @@ class _Processing:
     """The processor classes, imported on first use (the model itself does not need Pillow or the decoders)."""
 
     def __init__(self):
-        try:  # Hub folder: one flat package
-            from .processing_videochat_flash import (
-                VideoChatFlashProcessor,
-                VideoChatFlashVideoProcessor,
-                time_message_from_metadata,
-            )
-        except ImportError:  # development checkout: top-level modules
-            from processing_videochat_flash import (
-                VideoChatFlashProcessor,
-                VideoChatFlashVideoProcessor,
-                time_message_from_metadata,
-            )
+        from .processing_videochat_flash import (
+            VideoChatFlashProcessor,
+            VideoChatFlashVideoProcessor,
+            time_message_from_metadata,
+        )
         self.VideoChatFlashProcessor = VideoChatFlashProcessor
         self.VideoChatFlashVideoProcessor = VideoChatFlashVideoProcessor
         self.time_message_from_metadata = time_message_from_metadata
@@ -68,19 +61,13 @@ def _processing_module() -> _Processing:
 
 
 def _encode_video_streaming(*args, **kwargs):
-    try:  # Hub folder: one flat package
-        from .streaming_videochat_flash import encode_video_streaming
-    except ImportError:  # development checkout: top-level modules
-        from streaming_videochat_flash import encode_video_streaming
+    from .streaming_videochat_flash import encode_video_streaming
     return encode_video_streaming(*args, **kwargs)
 
 
 def _cache_kwarg() -> str:
     """``generate``'s name for a cache (``cache`` in transformers >= 5.24, ``past_key_values`` before)."""
-    try:
-        from .modeling_videochat_flash import CACHE_KWARG
-    except ImportError:
-        from modeling_videochat_flash import CACHE_KWARG
+    from .modeling_videochat_flash import CACHE_KWARG
     return CACHE_KWARG
 
 

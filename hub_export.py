@@ -73,18 +73,24 @@ class ModelUnavailableError(RuntimeError):
     """A model id or folder that cannot be found or fetched (the message is one line, meant for users)."""
 
 
+def flat_source(source: str) -> str:
+    """The text of package file `source` as it stands in a flat Hub folder: imports of ``vision_tower/`` modules
+    (``from .vision_tower.umt import``, and inside that package ``from .token_merging`` / ``from ..configuration_x``)
+    become imports of their flattened siblings (``from .vision_tower_umt import``)."""
+    text = (REPO_ROOT / source).read_text()
+    if source.startswith("vision_tower/"):
+        text = re.sub(r"^(\s*)from \.\.(\w)", r"\1from .\2", text, flags=re.M)  # the package's parent: a sibling
+        text = re.sub(r"^(\s*)from \.(?!vision_tower_)(\w+) import", r"\1from .vision_tower_\2 import", text, flags=re.M)
+    return re.sub(r"^(\s*)from \.vision_tower\.(\w+) import", r"\1from .vision_tower_\2 import", text, flags=re.M)
+
+
 def copy_code_files(destination) -> list[str]:
-    """Copy the model, processor, chat, pipeline and vision-tower code flat into `destination`; returns the names."""
+    """Write the model, processor, chat, pipeline and vision-tower code flat into `destination`; returns the names."""
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
-    written = []
     for source, name in CODE_FILES.items():
-        path = REPO_ROOT / source
-        if not path.exists():
-            raise FileNotFoundError(f"package file missing: {path}")
-        shutil.copyfile(path, destination / name)
-        written.append(name)
-    return written
+        (destination / name).write_text(flat_source(source))
+    return list(CODE_FILES.values())
 
 
 def code_fingerprint() -> str:
@@ -272,12 +278,12 @@ TINY_NOTE = """
 
 def tiny_processor():
     """Byte-level tokenizer + 128 px video processor: what the tiny model is built for."""
-    from processing_videochat_flash import (
+    from .processing_videochat_flash import (
         VideoChatFlashProcessor,
         VideoChatFlashVideoProcessor,
         build_byte_level_tokenizer,
     )
-    from tiny_model import TINY_VISION
+    from .tiny_model import TINY_VISION
 
     return VideoChatFlashProcessor(
         video_processor=VideoChatFlashVideoProcessor(size=TINY_VISION["image_size"]),
@@ -291,7 +297,7 @@ def make_tiny_folder(destination, seed: int = 0, max_shard_size: str | int = DEF
     Its generation config only lets ASCII letters, digits, spaces and ``<|im_end|>`` out, so random answers stay
     readable (and stream token by token).
     """
-    from tiny_model import build_tiny_model
+    from .tiny_model import build_tiny_model
 
     model = build_tiny_model(seed)
     processor = tiny_processor()
@@ -351,8 +357,8 @@ def convert_original_checkpoint(source, destination, *, base_model: str | None =
     inside the embedding table). The tokenizer, processor, chat template, generation config, code and model card
     are written beside them.
     """
-    from configuration_videochat_flash import VideoChatFlashConfig
-    from processing_videochat_flash import VideoChatFlashProcessor, VideoChatFlashVideoProcessor
+    from .configuration_videochat_flash import VideoChatFlashConfig
+    from .processing_videochat_flash import VideoChatFlashProcessor, VideoChatFlashVideoProcessor
 
     source, destination = Path(source), Path(destination)
     if not (source / "config.json").is_file():

@@ -23,16 +23,10 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 from transformers.utils import logging
 
-try:  # Hub folder: transformers loads these files as one flat package
-    from .chat_videochat_flash import VideoChatFlashChatMixin
-    from .configuration_videochat_flash import VideoChatFlashConfig, VideoChatFlashQwenConfig
-    from .vision_tower_token_merging import ToMeProjector
-    from .vision_tower_umt import UMTVisionTower
-except ImportError:  # development checkout: top-level modules
-    from chat_videochat_flash import VideoChatFlashChatMixin
-    from configuration_videochat_flash import VideoChatFlashConfig, VideoChatFlashQwenConfig
-    from vision_tower.token_merging import ToMeProjector
-    from vision_tower.umt import UMTVisionTower
+from .chat_videochat_flash import VideoChatFlashChatMixin
+from .configuration_videochat_flash import VideoChatFlashConfig, VideoChatFlashQwenConfig
+from .vision_tower.token_merging import ToMeProjector
+from .vision_tower.umt import UMTVisionTower
 
 logger = logging.get_logger(__name__)
 

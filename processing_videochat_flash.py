@@ -45,10 +45,7 @@ try:  # Pillow does the resizing (the original used PIL bicubic); it is only nee
 except ImportError:  # pragma: no cover - exercised only where Pillow is missing
     PILImage = None
 
-try:  # Hub folder: files are loaded as one flat package by transformers
-    from .video_loading import load_video
-except ImportError:  # development checkout: top-level modules
-    from video_loading import load_video
+from .video_loading import load_video
 
 
 logger = logging.get_logger(__name__)

@@ -31,12 +31,8 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-try:  # Hub folder: files are loaded as one flat package by transformers
-    from .processing_videochat_flash import PIL_BICUBIC, VideoChatFlashVideoProcessor
-    from .video_loading import iter_video_chunks
-except ImportError:  # development checkout: top-level modules
-    from processing_videochat_flash import PIL_BICUBIC, VideoChatFlashVideoProcessor
-    from video_loading import iter_video_chunks
+from .processing_videochat_flash import PIL_BICUBIC, VideoChatFlashVideoProcessor
+from .video_loading import iter_video_chunks
 
 __all__ = ["DEFAULT_CLIPS_PER_CHUNK", "as_mm_encoder_outputs", "encode_video_streaming", "iter_pixel_chunks"]
 

@@ -7,10 +7,7 @@ patches down to 64 tokens and an image of 64 patches stays at 64), and a byte-le
 
 import torch
 
-try:
-    from .configuration_videochat_flash import VideoChatFlashConfig
-except ImportError:
-    from configuration_videochat_flash import VideoChatFlashConfig
+from .configuration_videochat_flash import VideoChatFlashConfig
 
 TINY_TEXT = {
     "vocab_size": 512,
@@ -46,10 +43,7 @@ def tiny_config(**overrides) -> VideoChatFlashConfig:
 
 def build_tiny_model(seed: int = 0, **overrides):
     """A randomly initialised tiny model in float32, eval mode. Same seed, same weights."""
-    try:
-        from .modeling_videochat_flash import VideoChatFlashForCausalLM
-    except ImportError:
-        from modeling_videochat_flash import VideoChatFlashForCausalLM
+    from .modeling_videochat_flash import VideoChatFlashForCausalLM
     torch.manual_seed(seed)
     model = VideoChatFlashForCausalLM(tiny_config(**overrides))
     # Non-trivial biases and norms so that tests exercise every parameter.

@@ -63,12 +63,8 @@ import numpy as np
 import torch
 from transformers import Trainer
 
-try:
-    from .processing_videochat_flash import VideoChatFlashProcessor
-    from .video_loading import load_video, time_message
-except ImportError:
-    from processing_videochat_flash import VideoChatFlashProcessor
-    from video_loading import load_video, time_message
+from .processing_videochat_flash import VideoChatFlashProcessor
+from .video_loading import load_video, time_message
 
 __all__ = [
     "IGNORE_INDEX",
@@ -650,22 +646,13 @@ def _is_peft_model(model) -> bool:
 
 def _make_hub_loadable(folder, processor) -> None:
     """Add what AutoModel/pipeline need to a ``save_pretrained`` folder: code files, auto_map, generation config."""
-    try:
-        from .hub_export import (
-            AUTO_MAP,
-            CUSTOM_PIPELINES,
-            check_placeholder_ids,
-            copy_code_files,
-            write_generation_config,
-        )
-    except ImportError:
-        from hub_export import (
-            AUTO_MAP,
-            CUSTOM_PIPELINES,
-            check_placeholder_ids,
-            copy_code_files,
-            write_generation_config,
-        )
+    from .hub_export import (
+        AUTO_MAP,
+        CUSTOM_PIPELINES,
+        check_placeholder_ids,
+        copy_code_files,
+        write_generation_config,
+    )
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -792,22 +779,15 @@ def _training_arguments(training: dict, base_dir: Path):
 
 def _load_model_and_processor(model_cfg: dict, dtype=None):
     """The model to train (float32 master weights by default) and its processor."""
-    try:
-        from .modeling_videochat_flash import VideoChatFlashForCausalLM
-    except ImportError:
-        from modeling_videochat_flash import VideoChatFlashForCausalLM
+    from .modeling_videochat_flash import VideoChatFlashForCausalLM
     spec = str(model_cfg["name_or_path"])
     dtype = dtype if dtype is not None else getattr(torch, str(model_cfg.get("dtype") or "float32"))
     overrides = dict(model_cfg.get("config_overrides") or {})
     if model_cfg.get("attn_implementation"):
         overrides["attn_implementation"] = model_cfg["attn_implementation"]
     if spec == "tiny":
-        try:
-            from .hub_export import tiny_processor
-            from .tiny_model import build_tiny_model, tiny_config
-        except ImportError:
-            from hub_export import tiny_processor
-            from tiny_model import build_tiny_model, tiny_config
+        from .hub_export import tiny_processor
+        from .tiny_model import build_tiny_model, tiny_config
         attn = overrides.pop("attn_implementation", None)
         if model_cfg.get("image_size"):
             vision = dict(tiny_config().vision_config, image_size=int(model_cfg["image_size"]))
@@ -817,12 +797,8 @@ def _load_model_and_processor(model_cfg: dict, dtype=None):
             model.set_attn_implementation(attn)
         processor = tiny_processor()
     else:
-        try:
-            from .configuration_videochat_flash import VideoChatFlashConfig
-            from .hub_export import resolve_model
-        except ImportError:
-            from configuration_videochat_flash import VideoChatFlashConfig
-            from hub_export import resolve_model
+        from .configuration_videochat_flash import VideoChatFlashConfig
+        from .hub_export import resolve_model
         folder = resolve_model(spec)
         attn = overrides.pop("attn_implementation", None)
         config = VideoChatFlashConfig.from_pretrained(folder)

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from hub_export import DEFAULT_MODEL_ID, ModelUnavailableError
+from .hub_export import DEFAULT_MODEL_ID, ModelUnavailableError
 
 PROG = "videochat-flash"
 TINY_WARNING = (
@@ -87,7 +87,7 @@ def _load(folder, device: str, dtype):
 
 
 def cmd_chat(args) -> int:
-    from hub_export import resolve_model
+    from .hub_export import resolve_model
 
     if not os.path.exists(args.video):
         raise FileNotFoundError(f"video not found: {args.video}")
@@ -104,7 +104,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from hub_export import export_hub_folder, resolve_model
+    from .hub_export import export_hub_folder, resolve_model
 
     folder = resolve_model(args.model, cache_dir=args.cache_dir)
     from transformers import AutoModel, AutoProcessor
@@ -120,7 +120,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from hub_export import convert_original_checkpoint
+    from .hub_export import convert_original_checkpoint
 
     convert_original_checkpoint(args.source, args.destination, base_model=args.base_model,
                                 link_weights=args.link_weights)
@@ -129,7 +129,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from hub_export import make_tiny_folder
+    from .hub_export import make_tiny_folder
 
     make_tiny_folder(args.directory, seed=args.seed)
     print(f"wrote {args.directory} (tiny model with random weights: its answers are random)")
@@ -137,7 +137,7 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from training_videochat_flash import run_training  # written separately; imported only when training
+    from .training_videochat_flash import run_training  # written separately; imported only when training
 
     result = run_training(args.config)
     return result if isinstance(result, int) else 0

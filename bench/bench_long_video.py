@@ -98,10 +98,10 @@ def _peak_kb() -> int:
 def child(args) -> None:
     import torch
 
-    from processing_videochat_flash import VideoChatFlashVideoProcessor
-    from streaming_videochat_flash import encode_video_streaming
-    from tiny_model import build_tiny_model
-    from video_loading import load_video
+    from videochat_flash.processing_videochat_flash import VideoChatFlashVideoProcessor
+    from videochat_flash.streaming_videochat_flash import encode_video_streaming
+    from videochat_flash.tiny_model import build_tiny_model
+    from videochat_flash.video_loading import load_video
 
     model = build_tiny_model(0)
     size = model.config.image_size

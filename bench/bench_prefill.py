@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
-from configuration_videochat_flash import VideoChatFlashConfig  # noqa: E402
-from modeling_videochat_flash import VideoChatFlashForCausalLM  # noqa: E402
+from videochat_flash.configuration_videochat_flash import VideoChatFlashConfig  # noqa: E402
+from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM  # noqa: E402
 
 QWEN2_0_5B = {
     "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,

@@ -68,7 +68,7 @@ def child(method: str, n: int, path: str) -> None:
     from PIL import Image
 
     sys.path.insert(0, REPO_ROOT)
-    import video_loading as vl
+    import videochat_flash.video_loading as vl
 
     def resize(f):
         return np.asarray(Image.fromarray(f).resize((SIZE, SIZE), Image.BICUBIC))

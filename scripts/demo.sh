@@ -46,4 +46,4 @@ with av.open(path, "w") as container:
 print(f"sample video: {path} ({seconds} s, {fps} fps, {width}x{height})")
 PYEOF
 
-"$PY" -m videochat_flash_cli chat "$VIDEO" "What is moving in the video?" --model tiny
+"$PY" -m videochat_flash.videochat_flash_cli chat "$VIDEO" "What is moving in the video?" --model tiny

@@ -23,8 +23,6 @@ _HF_HOME = tempfile.mkdtemp(prefix="vcf_hf_home_")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
 
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def golden_path(name: str) -> Path:

@@ -156,8 +156,7 @@ RUNNER = textwrap.dedent(
     import json, sys, warnings
     import numpy as np
     spec = json.loads(sys.argv[1])
-    sys.path.insert(0, spec["repo"])
-    import video_loading as vl
+    import videochat_flash.video_loading as vl
     if spec.get("no_pyav"):
         vl.av = None
     if spec.get("no_decord"):

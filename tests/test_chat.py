@@ -9,8 +9,8 @@ import torch
 from media import encode
 from transformers import TextIteratorStreamer
 
-from hub_export import make_tiny_folder, tiny_processor
-from modeling_videochat_flash import VideoChatFlashForCausalLM
+from videochat_flash.hub_export import make_tiny_folder, tiny_processor
+from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM
 
 QUESTION = "What is moving in the video?"
 

@@ -13,8 +13,8 @@ import tomllib
 from conftest import REPO_ROOT
 from media import encode
 
-import videochat_flash_cli
-from hub_export import AUTO_MAP, DEFAULT_MODEL_ID
+from videochat_flash import videochat_flash_cli
+from videochat_flash.hub_export import AUTO_MAP, DEFAULT_MODEL_ID
 
 QUESTION = "What is moving in the video?"
 
@@ -65,7 +65,7 @@ def test_default_model_offline_is_one_clear_line(video, tmp_path):
     home = tempfile.mkdtemp(prefix="vcf_cli_hf_home_")
     env = {**os.environ, "HF_HOME": home, "HF_HUB_OFFLINE": "1", "VIDEOCHAT_FLASH_CACHE": str(tmp_path)}
     env.pop("VIDEOCHAT_FLASH_DEBUG", None)
-    result = subprocess.run([sys.executable, "-m", "videochat_flash_cli", "chat", video, QUESTION], check=False,
+    result = subprocess.run([sys.executable, "-m", "videochat_flash.videochat_flash_cli", "chat", video, QUESTION], check=False,
                             cwd=REPO_ROOT,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stdout == ""
@@ -98,7 +98,7 @@ def test_export_and_convert_commands(tiny_dir, tmp_path, capsys):
 
     from test_modeling import write_original_format_folder
 
-    from processing_videochat_flash import build_byte_level_tokenizer
+    from videochat_flash.processing_videochat_flash import build_byte_level_tokenizer
 
     original = tmp_path / "original"
     write_original_format_folder(original)
@@ -113,9 +113,9 @@ def test_export_and_convert_commands(tiny_dir, tmp_path, capsys):
 def test_train_calls_run_training_lazily(monkeypatch, tmp_path):
     assert not hasattr(videochat_flash_cli, "run_training")  # imported only when training
     calls = []
-    fake = types.ModuleType("training_videochat_flash")
+    fake = types.ModuleType("videochat_flash.training_videochat_flash")
     fake.run_training = calls.append
-    monkeypatch.setitem(sys.modules, "training_videochat_flash", fake)
+    monkeypatch.setitem(sys.modules, "videochat_flash.training_videochat_flash", fake)
     config = str(tmp_path / "train.yaml")
     assert videochat_flash_cli.main(["train", config]) == 0
     assert calls == [config]
@@ -123,8 +123,7 @@ def test_train_calls_run_training_lazily(monkeypatch, tmp_path):
 
 def test_console_script_and_modules_are_packaged():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["videochat-flash"] == "videochat_flash_cli:main"
-    modules = set(project["tool"]["setuptools"]["py-modules"])
-    assert {"videochat_flash_cli", "hub_export", "chat_videochat_flash", "pipeline_videochat_flash"} <= modules
+    assert project["project"]["scripts"]["videochat-flash"] == "videochat_flash.videochat_flash_cli:main"
+    assert project["tool"]["setuptools"]["package-dir"] == {"videochat_flash": "."}
     with pytest.raises(SystemExit):
         videochat_flash_cli.main(["--help"])

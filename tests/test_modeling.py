@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, golden_path
-from configuration_videochat_flash import VideoChatFlashConfig
-from modeling_videochat_flash import DROP_STATE_ATTRIBUTE, VideoChatFlashForCausalLM, VideoChatFlashModel
-from tiny_model import TINY_SPECIAL_IDS, build_tiny_model
+from videochat_flash.configuration_videochat_flash import VideoChatFlashConfig
+from videochat_flash.modeling_videochat_flash import DROP_STATE_ATTRIBUTE, VideoChatFlashForCausalLM, VideoChatFlashModel
+from videochat_flash.tiny_model import TINY_SPECIAL_IDS, build_tiny_model
 
 GOLDEN_VIDEO_TOKEN_ID = 259  # the id the processor gives its video placeholder in the byte-level tokenizer
 
@@ -93,7 +93,8 @@ def test_golden_eager_matches_sdpa(golden_model):
 
 
 # ------------------------------------------------------------------------------------------------ layouts
-MANIFESTS = sorted(p.name for p in golden_path("README.md").parent.glob("keys_*.json"))
+# The UMT checkpoints; the InternVideo2-1B manifest beside them is issue 13 (its tower is not built yet).
+MANIFESTS = sorted(p.name for p in golden_path("README.md").parent.glob("keys_*.json") if "InternVideo2" not in p.name)
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS)
@@ -332,7 +333,7 @@ def write_original_format_folder(folder: Path):
     auto_map, and one model.safetensors with the original key names (from the golden weights)."""
     from safetensors.torch import save_file
 
-    from hub_export import copy_code_files
+    from videochat_flash.hub_export import copy_code_files
 
     sidecar = json.loads(golden_path("full_model_video8_nocompress.json").read_text())
     tensors = load_file(golden_path("full_model_video8_nocompress.safetensors"))
@@ -389,7 +390,7 @@ def test_config_round_trip_keeps_original_and_unknown_fields(tmp_path):
 def test_eager_reaches_the_vision_tower_and_device_map_auto_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hub_export import copy_code_files
+    from videochat_flash.hub_export import copy_code_files
 
     model = build_tiny_model(seed=14)
     model.config.auto_map = {"AutoConfig": "configuration_videochat_flash.VideoChatFlashConfig",

@@ -18,7 +18,7 @@ import torch
 from conftest import REPO_ROOT, golden_path
 from safetensors.torch import load_file
 
-from processing_videochat_flash import (
+from videochat_flash.processing_videochat_flash import (
     CHAT_TEMPLATE,
     VideoChatFlashProcessor,
     VideoChatFlashVideoProcessor,
@@ -506,7 +506,7 @@ def test_auto_processor_from_saved_folder_in_subprocess(tmp_path):
         from transformers import AutoProcessor
         processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
         assert type(processor).__module__.startswith("transformers_modules."), type(processor).__module__
-        assert "processing_videochat_flash" not in sys.modules and "video_loading" not in sys.modules
+        assert "videochat_flash" not in sys.modules
         messages = json.load(open("messages.json"))
         out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                             return_tensors="pt")
@@ -543,11 +543,10 @@ def test_no_torchvision_build_save_load_process(tmp_path):
         else:
             raise AssertionError("torchvision was importable")
 
-        sys.path.insert(0, {str(REPO_ROOT)!r})
         import transformers
         from transformers.utils import is_torchvision_available
         assert not is_torchvision_available()
-        import processing_videochat_flash as pvf
+        import videochat_flash.processing_videochat_flash as pvf
         video_processor = pvf.VideoChatFlashVideoProcessor(size=224)
         processor = pvf.VideoChatFlashProcessor(video_processor, pvf.build_byte_level_tokenizer())
         processor.save_pretrained({str(tmp_path / "saved")!r})
@@ -567,7 +566,7 @@ def test_no_torchvision_build_save_load_process(tmp_path):
 
 
 def test_load_video_is_reexported():
-    import processing_videochat_flash
+    from videochat_flash import processing_videochat_flash
 
     assert processing_videochat_flash.load_video is load_video
     frames, metadata = load_video(str(golden_path(TINY_VIDEO)), size=224)

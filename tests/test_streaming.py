@@ -16,13 +16,13 @@ from PIL import Image
 
 from media import encode, naive_decode, pattern
 
-import video_loading as vl
-from hub_export import make_tiny_folder, tiny_processor
-from modeling_videochat_flash import VideoChatFlashForCausalLM
-from processing_videochat_flash import VideoChatFlashVideoProcessor
-from streaming_videochat_flash import _prefetch, as_mm_encoder_outputs, encode_video_streaming
-from tiny_model import build_tiny_model
-from video_loading import iter_video_chunks, load_video
+import videochat_flash.video_loading as vl
+from videochat_flash.hub_export import make_tiny_folder, tiny_processor
+from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM
+from videochat_flash.processing_videochat_flash import VideoChatFlashVideoProcessor
+from videochat_flash.streaming_videochat_flash import _prefetch, as_mm_encoder_outputs, encode_video_streaming
+from videochat_flash.tiny_model import build_tiny_model
+from videochat_flash.video_loading import iter_video_chunks, load_video
 
 try:
     import decord  # noqa: F401
@@ -297,8 +297,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, sys
     sys.path.insert(0, sys.argv[1])
     import torch
-    from streaming_videochat_flash import encode_video_streaming
-    from tiny_model import build_tiny_model
+    from videochat_flash.streaming_videochat_flash import encode_video_streaming
+    from videochat_flash.tiny_model import build_tiny_model
     def kb(field):
         with open("/proc/self/status") as f:
             return int(next(line for line in f if line.startswith(field)).split()[1])

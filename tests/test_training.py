@@ -18,11 +18,11 @@ import yaml
 from conftest import REPO_ROOT, golden_path
 from safetensors import safe_open
 
-import training_videochat_flash as tvf
-from hub_export import tiny_processor
-from modeling_videochat_flash import VideoChatFlashForCausalLM
-from tiny_model import build_tiny_model
-from training_videochat_flash import (
+import videochat_flash.training_videochat_flash as tvf
+from videochat_flash.hub_export import tiny_processor
+from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM
+from videochat_flash.tiny_model import build_tiny_model
+from videochat_flash.training_videochat_flash import (
     IGNORE_INDEX,
     STAGE_PRESETS,
     VideoChatFlashDataCollator,
@@ -519,7 +519,7 @@ def test_main_runs_a_yaml_config_and_the_cli_entry(media, trained, tmp_path):
     config["training"].pop("learning_rate")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    from videochat_flash_cli import main as cli_main
+    from videochat_flash.videochat_flash_cli import main as cli_main
 
     assert cli_main(["train", str(path)]) == 0
     result = VideoChatFlashForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)

@@ -17,8 +17,8 @@ from safetensors.numpy import load_file
 from conftest import golden_path
 from media import encode, naive_decode, pattern
 
-import video_loading as vl
-from video_loading import (
+import videochat_flash.video_loading as vl
+from videochat_flash.video_loading import (
     VideoLoadMetadata,
     load_video,
     resize_frame,
@@ -370,7 +370,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
     sys.path.insert(0, sys.argv[1])
-    import video_loading as vl
+    import videochat_flash.video_loading as vl
     def peak_kb():  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's at fork time)
         with open("/proc/self/status") as f:
             return int(next(line for line in f if line.startswith("VmHWM")).split()[1])

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import PretrainedConfig, PreTrainedModel
 
-from vision_tower import ToMeProjector, UMTVisionTower, umt
-from vision_tower.token_merging import merge_schedule
+from videochat_flash.vision_tower import ToMeProjector, UMTVisionTower, umt
+from videochat_flash.vision_tower.token_merging import merge_schedule
 
 ATOL = 2e-5
 SMALL_TOWER = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "patch_size": 16, "image_size": 224}
