@@ -69,6 +69,7 @@ def child(method: str, n: int, path: str) -> None:
 
     sys.path.insert(0, REPO_ROOT)
     import videochat_flash.video_loading as vl
+    from videochat_flash.frame_sampling import FrameSampling
 
     def resize(f):
         return np.asarray(Image.fromarray(f).resize((SIZE, SIZE), Image.BICUBIC))
@@ -88,7 +89,7 @@ def child(method: str, n: int, path: str) -> None:
             vs.thread_type = "AUTO"
             total = vs.frames
             fps = float(vs.average_rate)
-            idx = vl.sample_frame_indices(total, fps, max_num_frames=n)
+            idx = FrameSampling(max_num_frames=n).file_indices(total, fps)
             want = set(idx)
             kept = {}
             for i, f in enumerate(c.decode(vs)):
@@ -102,7 +103,7 @@ def child(method: str, n: int, path: str) -> None:
 
         t0 = time.perf_counter()
         vr = decord.VideoReader(path, num_threads=1)
-        idx = vl.sample_frame_indices(len(vr), vr.get_avg_fps(), max_num_frames=n)
+        idx = FrameSampling(max_num_frames=n).file_indices(len(vr), vr.get_avg_fps())
         full = vr.get_batch(idx).asnumpy()
         frames = np.stack([resize(f) for f in full])
         dt = time.perf_counter() - t0
