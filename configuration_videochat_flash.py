@@ -5,7 +5,10 @@ top level (so the Qwen2 decoder layers of transformers read them directly), next
 ``mm_*`` / ``llm_*`` multimodal fields. An original ``config.json`` loads unchanged; unknown fields are kept.
 """
 
+from dataclasses import fields
+
 from transformers import Qwen2Config
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 # Published vision towers: name -> (image size). Both are UMT ViT-L/16 with tubelet 1.
 VISION_TOWER_IMAGE_SIZE = {"umt-large": 224, "umt-hd-large": 448}
@@ -15,6 +18,12 @@ VIT_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads"
 # tokens for 152064 rows) gets <|video_pad|> and <|image_pad|> appended; Qwen2.5 (151665 tokens for 151936
 # rows) already has both, as ids 151656 and 151655.
 DEFAULT_PLACEHOLDER_IDS = {152064: (151646, 151647), 151936: (151656, 151655)}
+
+# transformers 5.24 renamed the cache argument of models, decoder layers and generate, and the matching output field,
+# from `past_key_values` to `cache`; 5.23 and older use the old name. The model speaks `cache` and translates at the
+# boundary with transformers. Read from the installed version's own output class (one light import, where the
+# signature of Qwen2Model.forward would need the whole modeling module); a test checks both agree.
+CACHE_KWARG = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
 
 LLM_COMPRESS_TYPES = ("attention", "uniform", "uniform0_attention", "uniform1_attention")
 

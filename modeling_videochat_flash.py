@@ -1,61 +1,34 @@
 """VideoChat-Flash: UMT video encoder + ToMe projector (16 tokens per frame) + Qwen2 with in-LLM token dropping.
 
 The language model is assembled from transformers' own Qwen2 decoder layers, rotary embedding and RMSNorm; only
-the layer loop is ours, because the published model can drop visual tokens between layers. State-dict keys are
-those of the published checkpoints (``model.layers.N.*``, ``model.vision_tower.vision_tower.encoder.*``,
-``model.mm_projector.*``, ``lm_head.weight``), so their safetensors load unchanged.
+the layer loop is ours, because the published model can drop visual tokens between layers (`token_dropping.py`).
+State-dict keys are those of the published checkpoints (``model.layers.N.*``,
+``model.vision_tower.vision_tower.encoder.*``, ``model.mm_projector.*``, ``lm_head.weight``), so their safetensors
+load unchanged.
+
+A forward pass: `embed_multimodal` (text embeddings, visual tokens written at their placeholders) -> positions and
+masks -> `_decoder_layers` (drop stages open after the layers of ``llm_compress_layer_list``) -> final norm.
 """
 
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.models.qwen2.modeling_qwen2 import (
-    Qwen2DecoderLayer,
-    Qwen2Model,
-    Qwen2RMSNorm,
-    Qwen2RotaryEmbedding,
-    rotate_half,
-)
-from transformers.utils import logging
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from .chat_videochat_flash import VideoChatFlashChatMixin
-from .configuration_videochat_flash import VideoChatFlashConfig, VideoChatFlashQwenConfig
+from .configuration_videochat_flash import CACHE_KWARG, VideoChatFlashConfig, VideoChatFlashQwenConfig
+from .token_dropping import decoding_stage, drop_stage, labels_at_kept_positions, prepare_dropping, record_stage
 from .vision_tower.token_merging import ToMeProjector
 from .vision_tower.umt import UMTVisionTower
 
-logger = logging.get_logger(__name__)
-
-# transformers 5.24 renamed the `past_key_values` argument and output field to `cache`; 5.23 and older use the old
-# name. Everything below speaks `cache` and translates at the boundary with transformers.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
-
-DROP_STATE_ATTRIBUTE = "videochat_flash_drop_state"
 # On a CPU a vision-tower call runs fastest while its widest activation (the MLP's hidden layer) stays about the size
 # of a last-level cache: larger calls spill it (UMT-L float32 at 224 px: 8 clips per call 6% slower than 2), much
 # smaller ones pay per-call overhead (the tiny test tower: 2 clips per call 1.7x slower than 16).
 CPU_TOWER_CALL_BYTES = 32 * 1024**2
-
-
-@dataclass
-class VisualTokenDropState:
-    """What cached decoding needs to know after visual tokens were dropped inside the LLM.
-
-    Layers after a drop cache fewer keys than layer 0, so positions and masks of later tokens cannot be derived
-    from ``cache.get_seq_length()``. Stored on the cache object, so it travels with the cache (and its copies).
-
-    Attributes:
-        dropped: stage -> `(batch,)` visual tokens removed before that stage's layers; new tokens' positions in
-            those layers are shifted down by this amount.
-        key_masks: stage -> `(batch, cached_len)` bool, which cached keys of that stage's layers are real tokens.
-    """
-
-    dropped: dict = field(default_factory=dict)
-    key_masks: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +85,16 @@ def _causal_mask(key_mask, query_length, key_length, dtype, device, attn_impleme
     if attn_implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _default_position_ids(key_mask, past_length, batch, query_length, device):
+    """`(batch, seq)` positions of the new tokens: with a padding mask `(batch, past + seq)` they count real tokens
+    only (so a left-padded row starts at 0, as it would alone), else they run on from `past_length`."""
+    if key_mask is not None:
+        position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
+    else:
+        position_ids = torch.arange(past_length, past_length + query_length, device=device)[None]
+    return position_ids.expand(batch, -1)
 
 
 class VideoChatFlashPreTrainedModel(PreTrainedModel):
@@ -385,111 +368,29 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
                 cached prefill did.
         """
         cache = cache if cache is not None else past_key_values
-        if (input_ids is None) == (inputs_embeds is None) and input_ids is None:
+        if input_ids is None and inputs_embeds is None:
             raise ValueError("You must specify input_ids or inputs_embeds")
         if inputs_embeds is None or pixel_values_videos is not None or pixel_values is not None or mm_encoder_outputs:
             inputs_embeds = self.embed_multimodal(
                 input_ids, inputs_embeds, pixel_values_videos, video_frame_counts, pixel_values, mm_encoder_outputs
             )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputed layers would append to the cache twice
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         batch, query_length = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
         past_length = cache.get_seq_length() if cache is not None else 0  # layer 0 is never shortened
         key_mask = attention_mask.bool() if attention_mask is not None else None
         if position_ids is None:
-            if key_mask is not None:
-                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
-            else:
-                position_ids = torch.arange(past_length, past_length + query_length, device=device)[None]
-            position_ids = position_ids.expand(batch, -1)
-
-        visual = self.visual_token_mask(input_ids)
-        dropping = self.config.mm_llm_compress
-        state = getattr(cache, DROP_STATE_ATTRIBUTE, None) if cache is not None else None
-        prefill_drop = dropping and visual is not None and bool(visual.any())
-        if dropping:
-            self.config.validate_token_dropping()
-        if prefill_drop and past_length > 0:
-            raise ValueError(
-                "in-LLM visual token dropping needs the visual tokens in the first forward pass of a sequence; "
-                "this call has a non-empty cache. Disable config.mm_llm_compress to continue from a cached prefix."
-            )
-        if prefill_drop and use_cache:
-            state = VisualTokenDropState()
-            setattr(cache, DROP_STATE_ATTRIBUTE, state)
-        drop_layers = self.config.llm_compress_layer_list if dropping else []
-
-        # Per-sample bookkeeping for the drop stages (prefill only).
-        query_valid = key_mask[:, -query_length:] if key_mask is not None else None
-        drop_inputs = None
-        if prefill_drop:
-            valid = query_valid if query_valid is not None else torch.ones_like(visual)
-            if drop_query_position is None:
-                last_real = valid.shape[1] - 1 - valid.flip(-1).long().argmax(-1)
-                query_index = last_real
-            else:
-                query_index = torch.as_tensor(drop_query_position, device=device).expand(batch)
-            query = torch.zeros_like(valid)
-            query[torch.arange(batch, device=device), query_index] = True
-            drop_inputs = {
-                "query": query,
-                "valid": valid,
-                "visual": visual & valid,
-                "num_visual": (visual & valid).sum(-1),
-                "kept_index": torch.arange(query_length, device=device).expand(batch, -1),
-                "labels": labels,
-            }
-        stage_positions = position_ids  # stage 0 uses the given positions
-
-        hidden_states = inputs_embeds
-        attn_impl = self.config._attn_implementation
-        layer_mask = _causal_mask(
-            key_mask, query_length, past_length + query_length, hidden_states.dtype, device, attn_impl
+            position_ids = _default_position_ids(key_mask, past_length, batch, query_length, inputs_embeds.device)
+        # Labels choose the queries that rank visual tokens in training only; inference ranks from the prompt's end.
+        drop, state = prepare_dropping(self.config, self.visual_token_mask(input_ids), key_mask, cache, use_cache,
+                                       labels if self.training else None, drop_query_position)
+        hidden_states, all_hidden_states, drop = self._decoder_layers(
+            inputs_embeds, position_ids, key_mask, past_length, cache, use_cache, drop, state, output_hidden_states,
+            **kwargs,
         )
-        position_embeddings = self.rotary_emb(hidden_states, stage_positions)
-        all_hidden_states = () if output_hidden_states else None
-        for layer_index, decoder_layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = decoder_layer(
-                hidden_states,
-                attention_mask=layer_mask,
-                position_ids=stage_positions,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **{CACHE_KWARG: cache},
-                **kwargs,
-            )
-            if (layer_index + 1) not in drop_layers:
-                continue
-            stage = drop_layers.index(layer_index + 1) + 1
-            if prefill_drop:
-                hidden_states, stage_positions, drop_inputs = self._drop_visual_tokens(
-                    stage, hidden_states, stage_positions, drop_inputs
-                )
-                stage_key_mask = drop_inputs["valid"]
-                if state is not None:
-                    state.dropped[stage] = drop_inputs["num_visual"] - drop_inputs["keep"]
-                    state.key_masks[stage] = stage_key_mask
-            elif state is not None and stage in state.key_masks:
-                new_columns = query_valid if query_valid is not None else torch.ones(
-                    batch, query_length, dtype=torch.bool, device=device
-                )
-                state.key_masks[stage] = torch.cat([state.key_masks[stage], new_columns], dim=1)
-                stage_key_mask = state.key_masks[stage]
-                stage_positions = position_ids - state.dropped[stage][:, None]
-            else:
-                continue  # nothing was dropped for this sequence (text only)
-            key_length = stage_key_mask.shape[1]
-            layer_mask = _causal_mask(
-                stage_key_mask, hidden_states.shape[1], key_length, hidden_states.dtype, device, attn_impl
-            )
-            position_embeddings = self.rotary_emb(hidden_states, stage_positions)
-
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -498,122 +399,73 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
             cache if use_cache else None,
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
-            kept_token_index=drop_inputs["kept_index"] if drop_inputs is not None else None,
+            kept_token_index=drop.kept_index if drop is not None else None,
         )
 
-    # ------------------------------------------------------------------------------------ token dropping
-    def _stage_drop_type(self, stage: int) -> str:
-        """'uniform' or 'attention' for the drop that opens `stage` (1-based)."""
-        compress_type = self.config.llm_compress_type
-        uniform_stages = {"uniform0_attention": 1, "uniform1_attention": 2}.get(compress_type)
-        if uniform_stages is not None:
-            return "uniform" if stage <= uniform_stages else "attention"
-        return compress_type
+    def _decoder_layers(
+        self, hidden_states, position_ids, key_mask, past_length, cache, use_cache, drop, state, output_hidden_states,
+        **kwargs,
+    ):
+        """The decoder layers; a drop stage opens after each layer of ``llm_compress_layer_list``.
 
-    @torch.no_grad()  # a ranking only: topk is not differentiable, and the original scores detached states
-    def _visual_token_scores(self, next_layer, hidden_states, positions, valid, query_mask, labels, batch_index):
-        """Attention that the query tokens pay to every key, as the next layer would compute it.
+        A prefill with visual tokens (`drop` set) drops them there and records the stage in the cache's `state`;
+        a cached decoding step instead takes the stage's positions and key mask from `state`. The attention mask and
+        rotary embeddings change only when a stage opens.
 
-        The query is the last prompt token at inference (`query_mask`); in training, the tokens right before each answer
-        span (labels != -100), averaged. Heads are averaged. Returns `(seq,)` float scores, or None when a
-        training sample has no answer (its visual tokens are then all kept, as in the original).
-        """
-        sample = hidden_states[batch_index]
-        sample_valid = valid[batch_index]
-        if labels is not None and self.training:
-            answer = labels[batch_index] != -100
-            starts = answer[1:] & ~answer[:-1]
-            queries = torch.nonzero(starts).flatten()
-            if queries.numel() == 0:
-                return None
-        else:
-            queries = torch.nonzero(query_mask[batch_index]).flatten()
-        attention = next_layer.self_attn
-        normed = next_layer.input_layernorm(sample)
-        head_dim = attention.head_dim
-        query = attention.q_proj(normed[queries]).view(len(queries), -1, head_dim).transpose(0, 1)
-        key = attention.k_proj(normed).view(sample.shape[0], -1, head_dim).transpose(0, 1)
-        cos, sin = self.rotary_emb(sample, positions[batch_index][None])
-        cos, sin = cos[0], sin[0]
-        query = query * cos[queries] + rotate_half(query) * sin[queries]
-        key = key * cos + rotate_half(key) * sin
-        key = key.repeat_interleave(attention.num_key_value_groups, dim=0)
-        weights = torch.matmul(query, key.transpose(1, 2)) * attention.scaling  # (heads, queries, seq)
-        key_index = torch.arange(sample.shape[0], device=sample.device)
-        allowed = (key_index[None, :] <= queries[:, None]) & sample_valid[None, :]
-        weights = weights.masked_fill(~allowed[None], torch.finfo(weights.dtype).min)
-        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(sample.dtype)
-        return weights.mean(0).mean(0)
-
-    def _drop_visual_tokens(self, stage, hidden_states, positions, drop_inputs):
-        """Keep the most useful visual tokens before the layers of `stage`; text and padding rules are unchanged.
-
-        Each sample keeps ``int(n * ratio[stage])`` of its ``n`` visual tokens (in their original order), chosen
-        by the next layer's attention from the last prompt token, or uniformly spaced for 'uniform' stages.
-        Kept sequences are right-aligned (left padding) so generation can append to them; positions of the kept
-        tokens close the gaps, so each sample is numbered without holes as in the original.
-
+        Args:
+            hidden_states: `(batch, seq, hidden)` input embeddings; position_ids: `(batch, seq)` positions of layer 0.
+            key_mask: `(batch, past + seq)` bool, or None when every token is real.
+            drop, state: from `token_dropping.prepare_dropping`.
         Returns:
-            hidden_states `(batch, kept_len, dim)`, positions `(batch, kept_len)`, and the updated bookkeeping.
+            `(batch, kept_len, hidden)` output of the last layer, the input of every layer (with
+            `output_hidden_states`, else None), and the bookkeeping after the last drop (None without one).
         """
-        valid, visual = drop_inputs["valid"], drop_inputs["visual"]
-        num_visual = drop_inputs["num_visual"]
-        ratio = self.config.llm_image_token_ratio_list[stage]
-        keep_counts = (num_visual.double() * ratio).long()  # int(n * ratio), as the original
-        drop_type = self._stage_drop_type(stage)
-        next_layer = self.layers[self.config.llm_compress_layer_list[stage - 1]]
-        batch, length = visual.shape
-        selected = torch.zeros_like(visual)
-        for i in range(batch):
-            visual_positions = torch.nonzero(visual[i]).flatten()
-            current, keep = visual_positions.numel(), int(keep_counts[i])
-            if current == 0:
-                continue
-            if drop_type == "uniform":
-                chosen = torch.linspace(0, current - 1, keep, dtype=torch.long)
-            else:
-                scores = self._visual_token_scores(
-                    next_layer, hidden_states, positions, valid, drop_inputs["query"], drop_inputs["labels"], i
-                )
-                if scores is None:
-                    chosen = torch.arange(current)
-                    keep_counts[i] = current
-                else:
-                    chosen = scores[visual_positions].topk(keep).indices
-            selected[i, visual_positions[chosen.to(visual_positions.device)]] = True
-        kept = valid & (~visual | selected)
-        dropped_before = torch.cumsum(visual & ~selected, dim=-1)
-        new_positions = positions - dropped_before
-
-        kept_lengths = kept.sum(-1)
-        new_length = int(kept_lengths.max())
-        # Right-align: output slot j of sample i holds its (j - (new_length - len_i))-th kept token.
-        order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)[:, :new_length]  # kept first, in order
-        shift = new_length - kept_lengths
-        slots = torch.arange(new_length, device=valid.device)[None, :]
-        source_slot = slots - shift[:, None]
-        new_valid = source_slot >= 0
-        gather_index = order.gather(1, source_slot.clamp(min=0))  # (batch, new_length) indices into length
-
-        def take(tensor, fill):
-            picked = tensor.gather(1, gather_index) if tensor.dim() == 2 else tensor.gather(
-                1, gather_index[..., None].expand(-1, -1, tensor.shape[-1])
+        stage_layers = self.config.llm_compress_layer_list if self.config.mm_llm_compress else []
+        new_valid = key_mask[:, -hidden_states.shape[1] :] if key_mask is not None else None
+        positions = position_ids  # stage 0 uses the given positions
+        layer_mask, position_embeddings = self._stage_inputs(
+            hidden_states, positions, key_mask, past_length + hidden_states.shape[1]
+        )
+        all_hidden_states = () if output_hidden_states else None
+        for layer_index, decoder_layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=layer_mask,
+                position_ids=positions,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **{CACHE_KWARG: cache},
+                **kwargs,
             )
-            mask = new_valid if tensor.dim() == 2 else new_valid[..., None]
-            return picked.masked_fill(~mask, fill) if fill is not None else picked * mask
+            if layer_index + 1 not in stage_layers:
+                continue
+            stage = stage_layers.index(layer_index + 1) + 1
+            if drop is not None:  # prefill: drop visual tokens now
+                hidden_states, positions, drop = drop_stage(
+                    self.config, self.layers, self.rotary_emb, stage, drop, hidden_states, positions
+                )
+                if state is not None:
+                    record_stage(state, stage, drop)
+                stage_key_mask = drop.valid
+            else:  # decoding (or text only): follow what the prefill dropped, if anything
+                decoded = decoding_stage(state, stage, position_ids, new_valid) if state is not None else None
+                if decoded is None:
+                    continue
+                positions, stage_key_mask = decoded
+            layer_mask, position_embeddings = self._stage_inputs(
+                hidden_states, positions, stage_key_mask, stage_key_mask.shape[1]
+            )
+        return hidden_states, all_hidden_states, drop
 
-        hidden_states = take(hidden_states, None)
-        labels = drop_inputs["labels"]
-        updated = {
-            "query": take(drop_inputs["query"], False),
-            "valid": new_valid,
-            "visual": take(visual & selected, False),
-            "num_visual": num_visual,
-            "keep": keep_counts,
-            "kept_index": take(drop_inputs["kept_index"], -1),
-            "labels": take(labels, -100) if labels is not None else None,
-        }
-        return hidden_states, take(new_positions, 0), updated
+    def _stage_inputs(self, hidden_states, positions, key_mask, key_length):
+        """Attention mask (see `_causal_mask`) and rotary `(cos, sin)` shared by the layers of one stage."""
+        layer_mask = _causal_mask(
+            key_mask, hidden_states.shape[1], key_length, hidden_states.dtype, hidden_states.device,
+            self.config._attn_implementation,
+        )
+        return layer_mask, self.rotary_emb(hidden_states, positions)
 
 
 class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, VideoChatFlashChatMixin):
@@ -672,12 +524,7 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
         With in-LLM token dropping, logits cover the kept positions (`kept_token_index` maps them back).
         """
         if labels is not None:
-            ignored = self.model.visual_token_mask(input_ids)
-            if attention_mask is not None:
-                padding = ~attention_mask[:, -labels.shape[1] :].bool()
-                ignored = padding if ignored is None else ignored | padding
-            if ignored is not None:
-                labels = labels.masked_fill(ignored, -100)
+            labels = self._ignore_visual_and_padding(labels, input_ids, attention_mask)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -702,9 +549,8 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
 
         loss = None
         if labels is not None:
-            if outputs.kept_token_index is not None:
-                index = outputs.kept_token_index
-                labels = labels.gather(1, index.clamp(min=0)).masked_fill(index < 0, -100)
+            if outputs.kept_token_index is not None:  # logits cover the kept positions only
+                labels = labels_at_kept_positions(labels, outputs.kept_token_index)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return _model_output(
             VideoChatFlashCausalLMOutput,
@@ -714,6 +560,14 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
             hidden_states=outputs.hidden_states,
             kept_token_index=outputs.kept_token_index,
         )
+
+    def _ignore_visual_and_padding(self, labels, input_ids, attention_mask):
+        """`(batch, seq)` labels with visual placeholders and padding set to -100 (nothing to predict there)."""
+        ignored = self.model.visual_token_mask(input_ids)
+        if attention_mask is not None:
+            padding = ~attention_mask[:, -labels.shape[1] :].bool()
+            ignored = padding if ignored is None else ignored | padding
+        return labels.masked_fill(ignored, -100) if ignored is not None else labels
 
 
 class VideoChatFlashQwenForCausalLM(VideoChatFlashForCausalLM):

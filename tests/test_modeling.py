@@ -1,5 +1,8 @@
-"""Core model: goldens of the original implementation, checkpoint layouts, batching, token dropping, training."""
+"""Core model: goldens of the original implementation, checkpoint layouts, batching, training.
 
+In-LLM token dropping is tested in test_token_dropping.py (with the helpers of this file)."""
+
+import inspect
 import json
 import re
 from pathlib import Path
@@ -9,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, golden_path
-from videochat_flash.configuration_videochat_flash import VideoChatFlashConfig
-from videochat_flash.modeling_videochat_flash import DROP_STATE_ATTRIBUTE, VideoChatFlashForCausalLM, VideoChatFlashModel
+from videochat_flash.configuration_videochat_flash import CACHE_KWARG, VideoChatFlashConfig
+from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM, VideoChatFlashModel
 from videochat_flash.tiny_model import TINY_SPECIAL_IDS, build_tiny_model
 
 GOLDEN_VIDEO_TOKEN_ID = 259  # the id the processor gives its video placeholder in the byte-level tokenizer
@@ -143,33 +146,29 @@ def tiny():
     return build_tiny_model(seed=0)
 
 
-def set_dropping(model, enabled):
-    model.config.mm_llm_compress = enabled
-
-
-@pytest.mark.parametrize("dropping", [False, True])
-def test_left_padded_batch_equals_single_runs(tiny, dropping):
-    set_dropping(tiny, dropping)
+def assert_batch_equals_single_runs(model):
+    """A left-padded batch of two videos gives each sample's logits and greedy ids as run alone."""
     samples = [make_sample(8, 5, 9, seed=1), make_sample(12, 3, 14, seed=2)]
-    try:
-        with torch.no_grad():
-            singles = [tiny(ids[None], pixel_values_videos=[frames], use_cache=False).logits[0] for ids, frames in samples]
-            ids, mask = left_pad([s[0] for s in samples])
-            batched = tiny(ids, attention_mask=mask, pixel_values_videos=[s[1] for s in samples], use_cache=False)
-            for row, single in enumerate(singles):
-                real = batched.logits[row, -single.shape[0] :]
-                assert (real - single).abs().max().item() < 1e-4
-            single_ids = [
-                tiny.generate(ids_[None], pixel_values_videos=[frames], max_new_tokens=6, do_sample=False)[0, len(ids_) :]
-                for ids_, frames in samples
-            ]
-            batch_ids = tiny.generate(
-                ids, attention_mask=mask, pixel_values_videos=[s[1] for s in samples], max_new_tokens=6, do_sample=False
-            )[:, ids.shape[1] :]
-    finally:
-        set_dropping(tiny, False)
+    with torch.no_grad():
+        singles = [model(ids[None], pixel_values_videos=[frames], use_cache=False).logits[0] for ids, frames in samples]
+        ids, mask = left_pad([s[0] for s in samples])
+        batched = model(ids, attention_mask=mask, pixel_values_videos=[s[1] for s in samples], use_cache=False)
+        for row, single in enumerate(singles):
+            real = batched.logits[row, -single.shape[0] :]
+            assert (real - single).abs().max().item() < 1e-4
+        single_ids = [
+            model.generate(ids_[None], pixel_values_videos=[frames], max_new_tokens=6, do_sample=False)[0, len(ids_) :]
+            for ids_, frames in samples
+        ]
+        batch_ids = model.generate(
+            ids, attention_mask=mask, pixel_values_videos=[s[1] for s in samples], max_new_tokens=6, do_sample=False
+        )[:, ids.shape[1] :]
     for row, expected in enumerate(single_ids):
         assert batch_ids[row].tolist() == expected.tolist()
+
+
+def test_left_padded_batch_equals_single_runs(tiny):
+    assert_batch_equals_single_runs(tiny)
 
 
 def test_flat_video_layout_with_frame_counts(tiny):
@@ -182,65 +181,12 @@ def test_flat_video_layout_with_frame_counts(tiny):
         assert torch.equal(a, b)
 
 
-def test_token_dropping_stages_positions_and_cached_decoding():
-    model = build_tiny_model(seed=5, mm_llm_compress=True, llm_compress_layer_list=[1, 3],
-                             llm_image_token_ratio_list=[1, 0.75, 0.25], llm_compress_type="uniform0_attention")
-    ids, frames = make_sample(8, 6, 11, seed=6)
-    n = 16 * 8
-    with torch.no_grad():
-        out = model(ids[None], pixel_values_videos=[frames], use_cache=True, output_hidden_states=True)
-    lengths = [h.shape[1] for h in out.hidden_states]
-    full = len(ids)
-    # input of layers 0..3, then the final norm: a drop after layer 1 and after layer 3
-    assert lengths == [full, full - (n - int(n * 0.75)), full - (n - int(n * 0.75)), full - (n - int(n * 0.25)),
-                       full - (n - int(n * 0.25))]
-    # positions are renumbered without holes after each drop (captured at the input of the last layer)
-    seen = {}
-    hook = model.model.layers[3].register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(positions=kwargs["position_ids"]), with_kwargs=True
-    )
-    with torch.no_grad():
-        model(ids[None], pixel_values_videos=[frames], use_cache=False)
-    hook.remove()
-    assert seen["positions"][0].tolist() == list(range(full - (n - int(n * 0.25))))
-    kept = out.kept_token_index[0]
-    assert int((ids[kept] == VIDEO_ID).sum()) == int(n * 0.25)
-    assert torch.all(kept[1:] > kept[:-1])  # original order
-    state = getattr(out.cache if hasattr(out, "cache") else out.past_key_values, DROP_STATE_ATTRIBUTE)
-    assert state.dropped[1].tolist() == [n - int(n * 0.75)] and state.dropped[2].tolist() == [n - int(n * 0.25)]
-    # uniform first stage keeps linspace-spaced tokens
-    with torch.no_grad():
-        cached = model.generate(ids[None], pixel_values_videos=[frames], max_new_tokens=6, do_sample=False)
-        uncached = model.generate(ids[None], pixel_values_videos=[frames], max_new_tokens=6, do_sample=False,
-                                  use_cache=False, drop_query_position=len(ids) - 1)
-    assert cached.tolist() == uncached.tolist()
-    # eager attention equals sdpa with dropping on
-    with torch.no_grad():
-        sdpa = model(ids[None], pixel_values_videos=[frames], use_cache=False).logits
-        model.config._attn_implementation = "eager"
-        eager = model(ids[None], pixel_values_videos=[frames], use_cache=False).logits
-        model.config._attn_implementation = "sdpa"
-    assert (sdpa - eager).abs().max().item() < 1e-4
+def test_cache_kwarg_is_the_name_transformers_uses():
+    """CACHE_KWARG is read from an output class; the model passes it to Qwen2 decoder layers and returns it."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
 
-
-@pytest.mark.parametrize("compress_type", ["attention", "uniform", "uniform0_attention", "uniform1_attention"])
-def test_every_drop_type_keeps_int_n_ratio(compress_type):
-    model = build_tiny_model(seed=7, mm_llm_compress=True, llm_compress_layer_list=[1, 2, 3],
-                             llm_image_token_ratio_list=[1, 0.6, 0.3, 0.1], llm_compress_type=compress_type)
-    ids, frames = make_sample(4, 2, 5, seed=8)
-    with torch.no_grad():
-        out = model(ids[None], pixel_values_videos=[frames], use_cache=False, output_hidden_states=True)
-    n, full = 64, len(ids)
-    assert [h.shape[1] for h in out.hidden_states[1:4]] == [full - n + int(n * r) for r in (0.6, 0.3, 0.1)]
-    assert torch.isfinite(out.logits).all()
-
-
-def test_dropping_settings_are_validated():
-    model = build_tiny_model(seed=0, mm_llm_compress=True, llm_compress_layer_list=[4],
-                             llm_image_token_ratio_list=[1, 0.5])
-    ids, frames = make_sample(4, 2, 2, seed=0)
-    with pytest.raises(ValueError, match="llm_compress_layer_list"):
-        model(ids[None], pixel_values_videos=[frames])
+    for forward in (Qwen2Model.forward, Qwen2DecoderLayer.forward):
+        assert CACHE_KWARG in inspect.signature(forward).parameters
 
 
 def test_errors_name_the_numbers(tiny):
