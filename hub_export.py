@@ -32,12 +32,14 @@ REPO_ROOT = Path(__file__).resolve().parent
 CODE_FILES = {
     "configuration_videochat_flash.py": "configuration_videochat_flash.py",
     "modeling_videochat_flash.py": "modeling_videochat_flash.py",
+    "token_dropping.py": "token_dropping.py",
     "chat_videochat_flash.py": "chat_videochat_flash.py",
     "streaming_videochat_flash.py": "streaming_videochat_flash.py",
     "vision_tower/umt.py": "vision_tower_umt.py",
     "vision_tower/token_merging.py": "vision_tower_token_merging.py",
     "processing_videochat_flash.py": "processing_videochat_flash.py",
     "video_loading.py": "video_loading.py",
+    "frame_sampling.py": "frame_sampling.py",
     "pipeline_videochat_flash.py": "pipeline_videochat_flash.py",
 }
 
@@ -54,6 +56,7 @@ AUTO_MAP = {
     "AutoModelForCausalLM": MODEL_CLASS,
     "AutoModelForImageTextToText": MODEL_CLASS,
     "AutoProcessor": "processing_videochat_flash.VideoChatFlashProcessor",
+    "AutoImageProcessor": "processing_videochat_flash.VideoChatFlashImageProcessor",
     "AutoVideoProcessor": "processing_videochat_flash.VideoChatFlashVideoProcessor",
 }
 CUSTOM_PIPELINES = {
@@ -214,25 +217,22 @@ print(pipe("video.mp4", "Describe the video.", max_new_tokens=256)[0]["generated
     return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
-def _finish_folder(destination: Path, processor, vocab_size: int, base_model=None, card_note=None,
-                   generation_base=None, generation_overrides=None, write_card=True) -> None:
-    """Everything of a Hub folder except the weights and the model config body."""
-    ids = check_placeholder_ids(processor, vocab_size)
-    processor.save_pretrained(destination)
-    copy_code_files(destination)  # after the processor, whose save copies (possibly other) module files
-    config_path = destination / "config.json"
-    _update_json(
-        config_path,
-        auto_map=dict(AUTO_MAP),
-        custom_pipelines=json.loads(json.dumps(CUSTOM_PIPELINES)),
-        architectures=["VideoChatFlashForCausalLM"],
-        model_type="videochat_flash",
-        video_token_id=ids["video_token_id"],
-        image_token_id=ids["image_token_id"],
-    )
-    write_generation_config(destination, processor, generation_base, **(generation_overrides or {}))
-    if write_card:
-        (destination / "README.md").write_text(model_card(base_model, note=card_note))
+def make_hub_loadable(folder, processor, generation_overrides: dict | None = None) -> None:
+    """Turn a ``save_pretrained`` model folder into a Hub folder of this package: the processor files, the code
+    files, ``config.json``'s ``auto_map`` / ``custom_pipelines`` / placeholder ids, and ``generation_config.json``
+    (greedy, eos ``<|im_end|>``, on top of the folder's own). Used by export, convert and every training save."""
+    from transformers import GenerationConfig
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    ids = check_placeholder_ids(processor, config["vocab_size"])
+    processor.save_pretrained(folder)
+    copy_code_files(folder)  # after the processor, whose save copies (possibly other) module files
+    _update_json(folder / "config.json", auto_map=dict(AUTO_MAP), custom_pipelines=json.loads(json.dumps(CUSTOM_PIPELINES)),
+                 architectures=["VideoChatFlashForCausalLM"], model_type="videochat_flash", use_cache=True,
+                 video_token_id=ids["video_token_id"], image_token_id=ids["image_token_id"])
+    base = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
+    write_generation_config(folder, processor, base, **(generation_overrides or {}))
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -263,9 +263,9 @@ def export_hub_folder(model, processor, destination, *, base_model: str | None =
     model.config.video_token_id = ids["video_token_id"]
     model.config.image_token_id = ids["image_token_id"]
     model.save_pretrained(destination, max_shard_size=max_shard_size)
-    _finish_folder(destination, processor, model.config.vocab_size, base_model=base_model, card_note=card_note,
-                   generation_base=getattr(model, "generation_config", None),
-                   generation_overrides=generation_overrides, write_card=write_card)
+    make_hub_loadable(destination, processor, generation_overrides)
+    if write_card:
+        (destination / "README.md").write_text(model_card(base_model, note=card_note))
     return destination
 
 
@@ -276,28 +276,13 @@ TINY_NOTE = """
 """
 
 
-def tiny_processor():
-    """Byte-level tokenizer + 128 px video processor: what the tiny model is built for."""
-    from .processing_videochat_flash import (
-        VideoChatFlashProcessor,
-        VideoChatFlashVideoProcessor,
-        build_byte_level_tokenizer,
-    )
-    from .tiny_model import TINY_VISION
-
-    return VideoChatFlashProcessor(
-        video_processor=VideoChatFlashVideoProcessor(size=TINY_VISION["image_size"]),
-        tokenizer=build_byte_level_tokenizer(),
-    )
-
-
 def make_tiny_folder(destination, seed: int = 0, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """The tiny random model (``tiny_model.build_tiny_model``) with its byte-level tokenizer as a Hub folder.
 
     Its generation config only lets ASCII letters, digits, spaces and ``<|im_end|>`` out, so random answers stay
     readable (and stream token by token).
     """
-    from .tiny_model import build_tiny_model
+    from .tiny_model import build_tiny_model, tiny_processor
 
     model = build_tiny_model(seed)
     processor = tiny_processor()
@@ -370,9 +355,8 @@ def convert_original_checkpoint(source, destination, *, base_model: str | None =
     config = VideoChatFlashConfig.from_dict(original)
 
     tokenizer = _load_original_tokenizer(source)
-    processor = VideoChatFlashProcessor(
-        video_processor=VideoChatFlashVideoProcessor(size=config.image_size), tokenizer=tokenizer
-    )
+    processor = VideoChatFlashProcessor(video_processor=VideoChatFlashVideoProcessor(size=config.image_size),
+                                        tokenizer=tokenizer)
     ids = check_placeholder_ids(processor, config.vocab_size)
     config.video_token_id, config.image_token_id = ids["video_token_id"], ids["image_token_id"]
 
@@ -388,14 +372,12 @@ def convert_original_checkpoint(source, destination, *, base_model: str | None =
     config.architectures = ["VideoChatFlashForCausalLM"]
     config.save_pretrained(destination)
 
-    generation_base = None
     if (source / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        generation_base = GenerationConfig.from_pretrained(source)
+        shutil.copyfile(source / "generation_config.json", destination / "generation_config.json")
     if base_model is None:
         base_model = original.get("_name_or_path") if _looks_like_hub_id(original.get("_name_or_path")) else None
-    _finish_folder(destination, processor, config.vocab_size, base_model=base_model, generation_base=generation_base)
+    make_hub_loadable(destination, processor)
+    (destination / "README.md").write_text(model_card(base_model))
     return destination
 
 

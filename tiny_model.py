@@ -1,8 +1,8 @@
-"""Settings of the tiny random VideoChat-Flash used by tests, the offline demo and ``videochat-flash make-tiny``.
+"""The tiny random VideoChat-Flash of the tests, the offline demo and ``videochat-flash make-tiny``.
 
 Small enough to build in milliseconds on a CPU, large enough to exercise every code path: a 4-layer Qwen2
 (GQA), a 2-block UMT tower on 128 px frames (64 patches per frame, so ToMe really merges a 4-frame clip of 256
-patches down to 64 tokens and an image of 64 patches stays at 64), and a byte-level vocabulary.
+patches down to 64 tokens and an image of 64 patches stays at 64), and a byte-level tokenizer.
 """
 
 import torch
@@ -52,3 +52,29 @@ def build_tiny_model(seed: int = 0, **overrides):
             if name.endswith("bias") or "norm" in name or name.endswith(("q_bias", "v_bias")):
                 param.add_(0.05 * torch.randn_like(param))
     return model.eval()
+
+
+def build_byte_level_tokenizer():
+    """An offline Qwen2-style tokenizer: one token per byte (id = byte value), no merges, then ``<|endoftext|>``
+    (256, pad), ``<|im_start|>`` (257) and ``<|im_end|>`` (258, eos); no BOS, like Qwen2.
+
+    A :class:`~transformers.Qwen2Tokenizer` (Qwen2's NFC normaliser and pre-tokenizer), so it saves and reloads with
+    ``AutoTokenizer``; on NFC text its ids equal those of the golden ``byte_tokenizer.json``. The processor appends its
+    placeholders (``<|video_pad|>`` 259, ``<|image_pad|>`` 260).
+    """
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def tiny_processor():
+    """The byte-level tokenizer + 128 px image and video processors: what the tiny model is built for."""
+    from .processing_videochat_flash import VideoChatFlashProcessor, VideoChatFlashVideoProcessor
+
+    return VideoChatFlashProcessor(video_processor=VideoChatFlashVideoProcessor(size=TINY_VISION["image_size"]),
+                                   tokenizer=build_byte_level_tokenizer())

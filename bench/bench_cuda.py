@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from videochat_flash.hub_export import make_tiny_folder, tiny_processor  # noqa: E402
+from videochat_flash.hub_export import make_tiny_folder  # noqa: E402
+from videochat_flash.tiny_model import tiny_processor
 from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM  # noqa: E402
 from test_modeling import expand_golden_ids, golden_full_model  # noqa: E402  (the tests' golden loader)
 

@@ -6,10 +6,11 @@ import threading
 
 import pytest
 import torch
-from media import encode
+from media import encode, pattern
 from transformers import TextIteratorStreamer
 
-from videochat_flash.hub_export import make_tiny_folder, tiny_processor
+from videochat_flash.hub_export import make_tiny_folder
+from videochat_flash.tiny_model import tiny_processor
 from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM
 
 QUESTION = "What is moving in the video?"
@@ -185,3 +186,110 @@ def test_batch_of_three_videos_equals_single_runs(model, processor, videos):
         got = batched[row][: alone.shape[0]]
         assert torch.equal(got, alone), (row, got.tolist(), alone.tolist())
     print(f"\nbatch of 3 videos ({batch['input_ids'].shape[1]} tokens padded) = 3 single runs")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chat(): the previous turn's KV cache is reused by a follow-up
+# ----------------------------------------------------------------------------------------------------------------
+def _chat_model(tiny_dir, **config):
+    model = VideoChatFlashForCausalLM.from_pretrained(tiny_dir).eval()
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    lengths, outputs = [], []
+    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    generate = model.generate
+
+    def spy(**kwargs):
+        out = generate(**kwargs)
+        outputs.append((kwargs["input_ids"][0], out[0]))
+        return out
+
+    model.generate = spy
+    return model, lengths, outputs
+
+
+def _common_prefix(a, b):
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if differ.numel() else n
+
+
+SETTINGS = {"max_new_tokens": 12}
+
+
+def test_follow_up_runs_only_its_new_tokens_and_answers_like_a_fresh_chat(tiny_dir, videos):
+    """Acceptance 3: turn 2 feeds the LLM only the tokens after the longest common prefix with turn 1's prompt +
+    answer (counted by a pre-hook on embed_tokens at the first forward), and answers like a new chat with the same
+    history and no cache."""
+    processor = tiny_processor()
+    tokenizer = processor.tokenizer
+    model, lengths, outputs = _chat_model(tiny_dir)
+    first, history = model.chat(videos["main"], tokenizer, QUESTION, generation_config=SETTINGS)
+    prompt1, output1 = outputs[-1]
+    assert lengths[0] == prompt1.shape[0]  # turn 1: the whole prompt (16 frames -> 256 visual tokens)
+
+    lengths.clear()
+    second, history = model.chat(videos["main"], tokenizer, "And then?", chat_history=history, generation_config=SETTINGS)
+    prompt2, _ = outputs[-1]
+    cached = output1[: output1.shape[0] - 1]  # the last generated token is never fed to the model
+    expected = prompt2.shape[0] - _common_prefix(cached, prompt2)
+    assert lengths[0] == expected
+    assert expected < 40 < prompt2.shape[0] / 10  # "<|im_end|>\n<|im_start|>user\nAnd then?..." and a token or so
+    third, history = model.chat(videos["main"], tokenizer, "Once more?", chat_history=history, generation_config=SETTINGS)
+
+    fresh, fresh_lengths, _ = _chat_model(tiny_dir)
+    same_second, _ = fresh.chat(videos["main"], tokenizer, "And then?", chat_history=[dict(m) for m in history[:2]],
+                                generation_config=SETTINGS)
+    assert fresh_lengths[0] == prompt2.shape[0]  # no cache: the whole prompt
+    assert same_second == second
+    fresh.clear_chat_cache()
+    same_third, _ = fresh.chat(videos["main"], tokenizer, "Once more?", chat_history=[dict(m) for m in history[:4]],
+                               generation_config=SETTINGS)
+    assert same_third == third
+    print(f"\nturn 2 ran {lengths[0]} of {prompt2.shape[0]} prompt tokens; answers equal fresh runs: "
+          f"{second!r}, {third!r}")
+
+
+def test_prefix_is_not_reused_for_other_visual_tokens_or_with_token_dropping(tiny_dir, videos, tmp_path):
+    processor = tiny_processor()
+    tokenizer = processor.tokenizer
+    model, lengths, outputs = _chat_model(tiny_dir)
+    _, history = model.chat(videos["main"], tokenizer, QUESTION, generation_config=SETTINGS)
+    # another file with the same frame count and duration: the same prompt ids, other visual tokens
+    other = encode(tmp_path / "other.mp4", 16, fps=8, w=48, h=64)
+    lengths.clear()
+    model.chat(other, tokenizer, "And then?", chat_history=history, generation_config=SETTINGS)
+    assert lengths[0] == outputs[-1][0].shape[0]
+
+    # in-LLM token dropping: drop decisions depend on the question, so every turn is a fresh run, same answers
+    model, lengths, outputs = _chat_model(tiny_dir, mm_llm_compress=True)
+    _, history = model.chat(videos["main"], tokenizer, QUESTION, generation_config=SETTINGS)
+    lengths.clear()
+    second, _ = model.chat(videos["main"], tokenizer, "And then?", chat_history=history, generation_config=SETTINGS)
+    assert lengths[0] == outputs[-1][0].shape[0]
+    fresh, _, _ = _chat_model(tiny_dir, mm_llm_compress=True)
+    assert fresh.chat(videos["main"], tokenizer, "And then?", chat_history=history[:2], generation_config=SETTINGS)[0] == second
+
+    # switched off: no cache kept
+    model, lengths, outputs = _chat_model(tiny_dir)
+    model.chat_reuse_prefix = False
+    _, history = model.chat(videos["main"], tokenizer, QUESTION, generation_config=SETTINGS)
+    lengths.clear()
+    model.chat(videos["main"], tokenizer, "And then?", chat_history=history, generation_config=SETTINGS)
+    assert lengths[0] == outputs[-1][0].shape[0]
+
+
+def test_chat_on_decoded_frames_uses_the_processors_frame_count(tiny_dir, processor):
+    """100 decoded frames: chat() puts 16 x 100 visual tokens in the prompt, as the processor does (frames used as
+    given), and answers like generate() on the processor's inputs."""
+    model, _, outputs = _chat_model(tiny_dir)
+    frames = [pattern(i, 128, 128) for i in range(100)]
+    answer = model.chat(frames, processor.tokenizer, QUESTION, return_history=False, generation_config=SETTINGS)
+    prompt, _ = outputs[-1]
+    assert int((prompt == model.config.video_token_id).sum()) == 16 * 100
+    messages = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": QUESTION}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert torch.equal(inputs["input_ids"][0], prompt)  # no duration known: no time message on either path
+    output = model.generate(**inputs, **SETTINGS)
+    assert processor.decode(new_tokens(output, inputs)[0], skip_special_tokens=True).strip() == answer

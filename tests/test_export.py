@@ -26,10 +26,8 @@ from videochat_flash.hub_export import (
     export_hub_folder,
     is_original_checkpoint,
     resolve_model,
-    tiny_processor,
 )
-from videochat_flash.processing_videochat_flash import build_byte_level_tokenizer
-from videochat_flash.tiny_model import build_tiny_model
+from videochat_flash.tiny_model import build_byte_level_tokenizer, build_tiny_model, tiny_processor
 
 QUESTION = "What is moving in the video?"
 # top-level modules of this package (blocked in the isolated process)

@@ -5,6 +5,7 @@ torchvision made impossible to import."""
 import base64
 import importlib.resources
 import json
+import re
 import os
 import subprocess
 import sys
@@ -22,9 +23,9 @@ from videochat_flash.processing_videochat_flash import (
     CHAT_TEMPLATE,
     VideoChatFlashProcessor,
     VideoChatFlashVideoProcessor,
-    build_byte_level_tokenizer,
     load_video,
 )
+from videochat_flash.tiny_model import build_byte_level_tokenizer
 
 MAIN_VIDEO = "synthetic_main_12s_25fps_320x240.mp4"
 SHORT_VIDEO = "synthetic_short_2s_25fps_160x120.mp4"  # 48 frames sampled
@@ -41,8 +42,8 @@ def preprocess_golden():
 
 def make_processor(size=224, tokenizer=None, **kwargs):
     return VideoChatFlashProcessor(
-        VideoChatFlashVideoProcessor(size=size),
-        tokenizer if tokenizer is not None else build_byte_level_tokenizer(),
+        video_processor=VideoChatFlashVideoProcessor(size=size),
+        tokenizer=tokenizer if tokenizer is not None else build_byte_level_tokenizer(),
         **kwargs,
     )
 
@@ -119,10 +120,11 @@ def test_pixels_match_golden_from_decoded_frames(preprocess_golden, size, key, p
     """The golden uint8 frames (positions 0/21/42/63 of the sample) give the golden pixels exactly."""
     _, tensors = preprocess_golden
     frames = tensors["frames_uint8_subset"][positions]  # (n, 240, 320, 3) uint8
-    video_processor = VideoChatFlashVideoProcessor(size=size, local_num_frames=1)
-    out = video_processor(videos=frames.numpy(), return_tensors="pt")
+    out = VideoChatFlashVideoProcessor(size=size)(videos=frames.numpy(), return_tensors="pt")
     pixels = out["pixel_values_videos"][0]
-    assert pixels.shape == (len(positions), 3, size, size)
+    assert pixels.shape == (4, 3, size, size)  # padded to a 4-frame clip with the last frame
+    assert torch.equal(pixels[len(positions) - 1 :], pixels[-1:].expand(5 - len(positions), -1, -1, -1))
+    pixels = pixels[: len(positions)]
     max_diff = (pixels - tensors[key]).abs().max().item()
     assert max_diff <= 1e-5, max_diff
     assert max_diff == 0.0  # same PIL bicubic + the same float64-then-float32 rescale as the original
@@ -199,7 +201,7 @@ def test_images_and_videos_in_one_prompt(preprocess_golden):
     processor = make_processor(224)
     frames = tensors["frames_uint8_subset"].numpy()
     image = frames[1]
-    prompt = "<|image_pad|>Compare with <|video_pad|>the video."
+    prompt = "<|image_pad|>\nCompare with <|video_pad|>the video."
     out = processor(
         text=prompt, images=[image], videos=[frames], video_metadata={"duration": 2.0}, return_tensors="pt"
     )
@@ -219,11 +221,11 @@ def test_placeholder_count_mismatch_raises(preprocess_golden):
     _, tensors = preprocess_golden
     processor = make_processor(224)
     frames = tensors["frames_uint8_subset"].numpy()
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(ValueError, match=re.escape("Found total 0 <|video_pad|> tokens and 1 videos")):
         processor(text="no placeholder here", videos=frames)
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(ValueError, match=re.escape("Found total 2 <|video_pad|> tokens and 1 videos")):
         processor(text="<|video_pad|><|video_pad|>", videos=frames)
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(ValueError, match="no images were passed"):
         processor(text="<|image_pad|>")
 
 
@@ -255,7 +257,7 @@ def test_chat_template_turns_and_system_prompt():
     )
     no_system = [{"role": "system", "content": ""}, {"role": "user", "content": [{"type": "image"}]}]
     assert processor.apply_chat_template(no_system, add_generation_prompt=True) == (
-        "<|im_start|>user\n<|image_pad|><|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\n<|image_pad|>\n<|im_end|>\n<|im_start|>assistant\n"  # an image is followed by "\n"
     )
     assert processor.chat_template == CHAT_TEMPLATE
 
@@ -548,7 +550,8 @@ def test_no_torchvision_build_save_load_process(tmp_path):
         assert not is_torchvision_available()
         import videochat_flash.processing_videochat_flash as pvf
         video_processor = pvf.VideoChatFlashVideoProcessor(size=224)
-        processor = pvf.VideoChatFlashProcessor(video_processor, pvf.build_byte_level_tokenizer())
+        from videochat_flash.tiny_model import build_byte_level_tokenizer
+        processor = pvf.VideoChatFlashProcessor(video_processor=video_processor, tokenizer=build_byte_level_tokenizer())
         processor.save_pretrained({str(tmp_path / "saved")!r})
         from transformers import AutoProcessor
         loaded = AutoProcessor.from_pretrained({str(tmp_path / "saved")!r}, trust_remote_code=True)
@@ -570,5 +573,4 @@ def test_load_video_is_reexported():
 
     assert processing_videochat_flash.load_video is load_video
     frames, metadata = load_video(str(golden_path(TINY_VIDEO)), size=224)
-    assert frames.dtype == np.uint8 and frames.shape == (8, 224, 224, 3)
-    assert metadata.time_message == "\nThe video lasts for 0.20 seconds, and 8 frames are uniformly sampled from it. "
+    assert frames.dtype == np.uint8 and frames.shape == (8, 224, 224, 3) and metadata.duration == 0.2

@@ -13,7 +13,7 @@ from media import encode
 from test_modeling import write_original_format_folder
 
 from videochat_flash import videochat_flash_cli
-from videochat_flash.processing_videochat_flash import build_byte_level_tokenizer
+from videochat_flash.tiny_model import build_byte_level_tokenizer
 
 README = (REPO_ROOT / "README.md").read_text()
 CI_RUN = (REPO_ROOT / ".ci" / "run").read_text()

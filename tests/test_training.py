@@ -1,7 +1,8 @@
-"""Fine-tuning: data + label masking, Trainer runs on the tiny model, stage presets, LoRA, checkpointing, resuming.
+"""Fine-tuning: data_videochat_flash (records -> messages -> labels) and training_videochat_flash (config, stage
+presets, Trainer runs, LoRA, checkpointing, resuming), on the tiny model.
 
 Everything runs on CPU in well under a minute: the tiny random model (4-layer Qwen2 of width 64, UMT on 128 px
-frames), four 8-frame 128 px videos written with PyAV into a temporary folder, a few dozen optimizer steps.
+frames), a few 8-frame 128 px videos written with PyAV into a temporary folder, a few dozen optimizer steps.
 """
 
 from __future__ import annotations
@@ -15,22 +16,26 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from conftest import REPO_ROOT, golden_path
 from safetensors import safe_open
 
 import videochat_flash.training_videochat_flash as tvf
-from videochat_flash.hub_export import tiny_processor
-from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM
-from videochat_flash.tiny_model import build_tiny_model
-from videochat_flash.training_videochat_flash import (
+from videochat_flash.data_videochat_flash import (
     IGNORE_INDEX,
-    STAGE_PRESETS,
     VideoChatFlashDataCollator,
     VideoChatFlashTrainingDataset,
-    build_training_config,
-    count_parameters,
-    encode_conversation,
     load_records,
+    record_messages,
+)
+from videochat_flash.frame_sampling import FrameSampling
+from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM
+from videochat_flash.tiny_model import build_tiny_model, tiny_processor
+from videochat_flash.training_videochat_flash import (
+    STAGE_PRESETS,
+    ModelArguments,
+    count_parameters,
+    parse_config,
     run_training,
     set_trainable_parts,
 )
@@ -67,21 +72,31 @@ def media(tmp_path_factory):
         write_video(root / f"clip{index}.mp4", color)
         records.append({"video": f"clip{index}.mp4", "conversations": [
             {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": f"It is {name}."}]})
+    write_video(root / "twelve.mp4", (90, 90, 90), frames=12)  # 1.5 s at 8 fps -> 12 frames
+    for index, color in enumerate(COLORS.values()):
+        Image.fromarray(np.full((40, 60, 3), color, np.uint8)).save(root / f"image{index}.png")
     (root / "train.json").write_text(json.dumps(records))
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return {"root": root, "records": records, "answers": [f"It is {name}." for name in COLORS]}
 
 
-def tiny_config(media, output_dir, steps=30, **training):
+def tiny_config(media, output_dir, steps=30, **fields):
     """A run_training config for the tiny model on the four clips."""
-    settings = {"output_dir": str(output_dir), "max_steps": steps, "per_device_train_batch_size": 4,
-                "learning_rate": 2e-3, "lr_scheduler_type": "constant", "warmup_steps": 0, "seed": 0,
-                "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True, "dataloader_num_workers": 0}
-    settings.update(training)
-    return {"model": {"name_or_path": "tiny"},
-            "data": {"train": str(media["root"] / "train.json"), "data_root": str(media["root"]),
-                     "frames_upbound": 8},
-            "training": settings}
+    return {"model_name_or_path": "tiny", "train_data": str(media["root"] / "train.json"),
+            "data_root": str(media["root"]), "frames_upbound": 8, "output_dir": str(output_dir), "max_steps": steps,
+            "per_device_train_batch_size": 4, "learning_rate": 2e-3, "lr_scheduler_type": "constant",
+            "warmup_steps": 0, "seed": 0, "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
+            "dataloader_num_workers": 0, **fields}
+
+
+def dataset(media, records, **kwargs):
+    return VideoChatFlashTrainingDataset(load_records(records, data_root=str(media["root"])), tiny_processor(),
+                                         FrameSampling.training(frames_upbound=8), **kwargs)
+
+
+def record(video, *turns, key="video"):
+    return {key: video, "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": text}
+                                          for i, text in enumerate(turns)]}
 
 
 def losses(trainer) -> list[float]:
@@ -98,13 +113,15 @@ def greedy_answer(model, collator, item) -> str:
                              pixel_values_videos=batch["pixel_values_videos"],
                              video_frame_counts=batch["video_frame_counts"], max_new_tokens=16, do_sample=False,
                              eos_token_id=258, pad_token_id=256)
-    new = out[0, prompt.shape[1]:] if out.shape[1] > prompt.shape[1] and bool((out[0, :start] == prompt[0]).all()) \
-        else out[0]
-    return collator.processor.tokenizer.decode(new, skip_special_tokens=True)
+    return tiny_processor().tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
 
 
 def model_inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def decode_trained(tokenizer, item) -> str:
+    return tokenizer.decode([t for t, l in zip(item["input_ids"].tolist(), item["labels"].tolist()) if l != IGNORE_INDEX])
 
 
 # ============================================================================================ 1. it learns
@@ -157,32 +174,20 @@ def test_saved_model_reloads_with_identical_logits_and_original_keys(trained):
     assert pattern(saved) == pattern(manifest)
 
 
-# ============================================================================================ 2. masking
-def fake_item(conversations, frames=(8,), duration=1.0, images=0):
-    videos = [torch.zeros(n, 3, SIZE, SIZE) for n in frames]
-    return {"conversations": conversations, "videos": videos,
-            "video_metadata": [{"duration": duration, "fps": 8.0, "frame_indices": list(range(n))} for n in frames],
-            "images": [torch.zeros(3, SIZE, SIZE) for _ in range(images)], "id": 0}
-
-
-def segments(processor, ids):
+# ============================================================================================ 2. data and labels
+def segments(tokenizer, ids):
     """Positions of each chat turn (start, end, role) found from <|im_start|> tokens."""
-    tokenizer = processor.tokenizer
     starts = [i for i, t in enumerate(ids) if t == tokenizer.convert_tokens_to_ids("<|im_start|>")] + [len(ids)]
     roles = [tokenizer.decode(ids[s + 1 : s + 5]) for s in starts[:-1]]
     return [(s, e, "assistant" if r.startswith("assi") else "user" if r.startswith("user") else "system")
             for s, e, r in zip(starts, starts[1:], roles)]
 
 
-def test_masking_single_and_multi_turn_with_padding():
-    processor = tiny_processor()
-    tokenizer = processor.tokenizer
-    collator = VideoChatFlashDataCollator(processor)
-    single = fake_item([{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": "It is red."}])
-    multi = fake_item([{"from": "human", "value": f"{QUESTION}\n<image>"}, {"from": "gpt", "value": "Red."},
-                       {"from": "human", "value": "And the band?"}, {"from": "gpt", "value": "It moves down."}],
-                      frames=(12,), duration=1.5)
-    batch = collator([single, multi])
+def test_masking_single_and_multi_turn_with_padding(media):
+    tokenizer = tiny_processor().tokenizer
+    data = dataset(media, [record("clip0.mp4", f"<image>\n{QUESTION}", "It is red."),
+                           record("twelve.mp4", f"{QUESTION}\n<image>", "Red.", "And the band?", "It moves down.")])
+    batch = VideoChatFlashDataCollator(tokenizer.pad_token_id)([data[0], data[1]])
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert ids.shape[0] == 2 and batch["video_frame_counts"].tolist() == [8, 12]
     assert batch["pixel_values_videos"].shape == (20, 3, SIZE, SIZE)
@@ -193,13 +198,13 @@ def test_masking_single_and_multi_turn_with_padding():
         assert bool((labels[row, length:] == IGNORE_INDEX).all())  # padding
         assert bool((ids[row, length:] == tokenizer.pad_token_id).all())
         row_ids, row_labels = ids[row, :length].tolist(), labels[row, :length].tolist()
-        visual = [i for i, t in enumerate(row_ids) if t == processor.video_token_id]
+        visual = [i for i, t in enumerate(row_ids) if t == 259]
         assert len(visual) == 16 * (8 if row == 0 else 12)
         assert all(row_labels[i] == IGNORE_INDEX for i in visual)
         trained = [i for i, label in enumerate(row_labels) if label != IGNORE_INDEX]
         assert all(row_labels[i] == row_ids[i] for i in trained)
         answers = []
-        for start, end, role in segments(processor, row_ids):
+        for start, end, role in segments(tokenizer, row_ids):
             turn_labels = row_labels[start:end]
             if role in ("system", "user"):
                 assert all(label == IGNORE_INDEX for label in turn_labels), role
@@ -209,95 +214,88 @@ def test_masking_single_and_multi_turn_with_padding():
             assert all(label == IGNORE_INDEX for label in turn_labels[:header])
             body = turn_labels[header:]
             assert all(label != IGNORE_INDEX for label in body)
-            assert tokenizer.decode(body) .endswith("<|im_end|>\n")
+            assert tokenizer.decode(body).endswith("<|im_end|>\n")
             answers.append(tokenizer.decode(body)[: -len("<|im_end|>\n")])
         assert answers == expected_answers[row]
 
 
-def test_prompt_matches_the_original_training_prompt():
+def test_prompt_matches_the_original_training_prompt(media):
     """preprocess_multimodal + preprocess_qwen: "<image>" moved first, time message, then "\\n" + question."""
-    processor = tiny_processor()
-    conversation = [{"from": "human", "value": f"{QUESTION} <image>"}, {"from": "gpt", "value": "Red."}]
-    ids, _ = encode_conversation(processor, conversation, [8], [{"duration": 12.0}])
+    tokenizer = tiny_processor().tokenizer
+    sample = record("clip0.mp4", f"{QUESTION} <image>", "Red.")
     video = "<|video_pad|>" * 128
     expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + video
-                + "\nThe video lasts for 12.00 seconds, and 8 frames are uniformly sampled from it. \n" + QUESTION
+                + "\nThe video lasts for 1.00 seconds, and 8 frames are uniformly sampled from it. \n" + QUESTION
                 + "<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n")
-    assert processor.tokenizer.decode(ids) == expected
+    assert tokenizer.decode(dataset(media, [sample])[0]["input_ids"]) == expected
     # the original's non-"short" time message lists the frame times
-    ids, _ = encode_conversation(processor, conversation, [8], [{"duration": 1.0, "fps": 8.0,
-                                                                 "frame_indices": list(range(8))}], time_msg="long")
+    text = tokenizer.decode(dataset(media, [sample], time_msg="long")[0]["input_ids"])
     assert ("\nThe video lasts for 1.00 seconds, and 8 frames are uniformly sampled at 0.0, 0.1, 0.2, 0.4, 0.5, 0.6, "
-            "0.8, 0.9 seconds. \n" + QUESTION) in processor.tokenizer.decode(ids)
+            "0.8, 0.9 seconds. \n" + QUESTION) in text
     # without a time message (time_msg null) and with a custom system turn
-    conversation = [{"from": "system", "value": "Be brief."}] + conversation
-    ids, _ = encode_conversation(processor, conversation, [8], [{"duration": 12.0}], time_msg=None)
-    assert processor.tokenizer.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
-                                                      + video + "\n" + QUESTION)
+    sample["conversations"].insert(0, {"from": "system", "value": "Be brief."})
+    text = tokenizer.decode(dataset(media, [sample], time_msg=None)[0]["input_ids"])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + video + "\n" + QUESTION)
 
 
-def test_masking_options_original_mode_plain_format_and_images():
-    processor = tiny_processor()
-    tokenizer = processor.tokenizer
-    conversation = [{"from": "human", "value": "<image>\nQ1?"}, {"from": "gpt", "value": "A1."},
-                    {"from": "human", "value": "Q2?"}, {"from": "gpt", "value": "A2."}]
-    decode_trained = lambda ids, labels: tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
+def test_masking_options_original_mode_plain_format_and_images(media):
+    tokenizer = tiny_processor().tokenizer
+    sample = record("clip0.mp4", "<image>\nQ1?", "A1.", "Q2?", "A2.")
 
-    ids, labels = encode_conversation(processor, conversation, [4], [{"duration": 1.0}], train_on_turn_newline=False)
-    assert decode_trained(ids, labels) == "A1.<|im_end|>A2.<|im_end|>"
+    item = dataset(media, [sample], train_on_turn_newline=False)[0]
+    assert decode_trained(tokenizer, item) == "A1.<|im_end|>A2.<|im_end|>"
 
     # "original": preprocess_qwen bit for bit: whole assistant turns + every <|im_start|>, <|im_end|>, "\n".
-    ids, labels = encode_conversation(processor, conversation, [4], [{"duration": 1.0}], label_mode="original")
+    item = dataset(media, [sample], label_mode="original")[0]
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
     unmask = {257, 258, tokenizer("\n", add_special_tokens=False)["input_ids"][0]}
-    for start, end, role in segments(processor, ids):
+    for start, end, role in segments(tokenizer, ids):
         for i in range(start, end):
-            if role == "assistant":
-                assert labels[i] == ids[i]
-            else:
-                assert labels[i] == (ids[i] if ids[i] in unmask else IGNORE_INDEX)
+            assert labels[i] == (ids[i] if role == "assistant" or ids[i] in unmask else IGNORE_INDEX), (role, i)
 
     # stage 1 "plain": visual tokens + answer + "\n", no system prompt, question or time message
-    ids, labels = encode_conversation(processor, conversation[:2], [4], [{"duration": 1.0}], prompt_format="plain")
-    assert ids == [processor.video_token_id] * 64 + tokenizer("A1.\n", add_special_tokens=False)["input_ids"]
-    assert decode_trained(ids, labels) == "A1.\n"
+    item = dataset(media, [record("clip0.mp4", "<image>\nQ1?", "A1.")], prompt_format="plain")[0]
+    assert item["input_ids"].tolist() == [259] * 128 + tokenizer("A1.\n", add_special_tokens=False)["input_ids"]
+    assert decode_trained(tokenizer, item) == "A1.\n"
 
-    # images: 64 <|image_pad|> per image, in marker order, masked
-    item = fake_item([{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "No."}],
-                     frames=(), images=2)
-    batch = VideoChatFlashDataCollator(processor)([item])
-    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 128
-    assert batch["pixel_values"].shape == (2, 3, SIZE, SIZE) and "pixel_values_videos" not in batch
-    assert decode_trained(batch["input_ids"][0].tolist(), batch["labels"][0].tolist()) == "No.<|im_end|>\n"
+    # images: 64 <|image_pad|> per image, in marker order, each followed by "\n" as in "<image>\n", masked
+    images = record(["image0.png", "image1.png"], "<image>\n<image>\nSame?", "No.", key="image")
+    item = dataset(media, [images])[0]
+    assert tokenizer.decode(item["input_ids"]).replace("<|image_pad|>" * 64, "<I>").endswith(
+        "<|im_start|>user\n<I>\n<I>\nSame?<|im_end|>\n<|im_start|>assistant\nNo.<|im_end|>\n")
+    assert item["pixel_values"].shape == (2, 3, SIZE, SIZE) and "pixel_values_videos" not in item
+    assert decode_trained(tokenizer, item) == "No.<|im_end|>\n"
+    plain = dataset(media, [record("image0.png", "<image>\nQ?", "A.", key="image")], prompt_format="plain")[0]
+    assert plain["input_ids"].tolist() == [260] * 64 + tokenizer("A.\n", add_special_tokens=False)["input_ids"]
 
     with pytest.raises(ValueError, match="markers"):
-        encode_conversation(processor, [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}],
-                            [4], [{"duration": 1.0}])
-    with pytest.raises(ValueError, match="cuts into its visual tokens"):
-        VideoChatFlashDataCollator(processor, model_max_length=50)([fake_item(conversation)])
+        dataset(media, [record("clip0.mp4", "<image><image>", "x")])[0]
+    with pytest.raises(ValueError, match="cuts into the visual tokens"):
+        dataset(media, [sample], model_max_length=50)[0]
 
 
 def test_dataset_samples_frames_like_the_original_training_path(media):
     """Golden `train.process_video(upbound=512, lowbound=64, local=4)` indices and time messages."""
     golden = json.loads(golden_path("preprocess.json").read_text())["sampling"]
-    processor = tiny_processor()
     key = "train.process_video(upbound=512,lowbound=64,local=4)"
-    records = [{"video": name, "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}
-               for name in golden if key in golden[name]]
+    records = [record(name, "<image>\nQ", "A") for name in golden if key in golden[name]]
     assert len(records) == 4
-    dataset = VideoChatFlashTrainingDataset(load_records(records, data_root=str(golden_path("README.md").parent)),
-                                            processor, frames_upbound=512, frames_lowbound=64)
-    for index, record in enumerate(records):
-        item = dataset[index]
-        want = golden[record["video"]][key]
-        assert item["video_metadata"][0]["frame_indices"] == want["frame_indices"], record["video"]
-        assert item["videos"][0].shape == (want["num_frames"], 3, SIZE, SIZE)
-        ids, _ = encode_conversation(processor, item["conversations"], [want["num_frames"]], item["video_metadata"])
-        assert want["time_msg"] + "\nQ<|im_end|>" in processor.tokenizer.decode(ids)
+    data = VideoChatFlashTrainingDataset(load_records(records, data_root=str(golden_path("README.md").parent)),
+                                         tiny_processor(), FrameSampling.training(frames_upbound=512, frames_lowbound=64))
+    tokenizer = data.processor.tokenizer
+    for index, sample in enumerate(records):
+        item, want = data[index], golden[sample["video"]][key]
+        assert item["video_frame_counts"] == [want["num_frames"]], sample["video"]
+        assert want["time_msg"] + "\nQ<|im_end|>" in tokenizer.decode(item["input_ids"])
     # JSONL and dataset-list YAML inputs give the same records
     listing = media["root"] / "list.yaml"
     listing.write_text(yaml.safe_dump({"datasets": [{"json_path": "train.jsonl", "sampling_strategy": "first:50%",
                                                      "data_root": str(media["root"])}]}))
     assert [r["video"] for r in load_records(str(listing))] == ["clip0.mp4", "clip1.mp4"]
+    # the messages the processor renders: a video block where the (moved) marker was
+    messages = record_messages(load_records([record("a.mp4", "Q <image>", "A")], data_root="/data")[0])
+    assert messages[1] == {"role": "user", "content": [{"type": "video", "path": "/data/a.mp4"},
+                                                        {"type": "text", "text": "\nQ"}]}
 
 
 # ============================================================================================ 3. stages, LoRA
@@ -307,11 +305,10 @@ DOCUMENTED_PARTS = {"stage1": {"projector"}, "stage2": {"vision_tower", "project
 
 @pytest.mark.parametrize("stage", sorted(STAGE_PRESETS))
 def test_stage_presets_train_exactly_the_documented_parts(stage):
-    shipped = yaml.safe_load((REPO_ROOT / "configs" / f"train_{stage}.yaml").read_text())
-    config = build_training_config(shipped)
-    assert config["stage"] == stage and set(config["tune_parts"]) == DOCUMENTED_PARTS[stage]
+    model_args, data_args, training_args = parse_config(REPO_ROOT / "configs" / f"train_{stage}.yaml")
+    assert model_args.stage == stage and set(model_args.tune_parts) == DOCUMENTED_PARTS[stage]
     model = build_tiny_model(0)
-    set_trainable_parts(model, config["tune_parts"])
+    set_trainable_parts(model, model_args.tune_parts)
     counts = count_parameters(model)
     print(f"\n{stage}: " + ", ".join(f"{p} {c['trainable']}/{c['total']}" for p, c in counts.items()))
     for part, entry in counts.items():
@@ -323,25 +320,24 @@ def test_stage_presets_train_exactly_the_documented_parts(stage):
 
     trainer = tvf.VideoChatFlashTrainer(
         model=model, args=TrainingArguments(output_dir="unused", report_to="none", use_cpu=True,
-                                            learning_rate=config["training"]["learning_rate"]),
-        vision_tower_lr=config["vision_tower_lr"])
+                                            learning_rate=training_args.learning_rate),
+        vision_tower_lr=model_args.vision_tower_lr)
     optimizer = trainer.create_optimizer()
     rates = {}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for param in group["params"]:
             rates.setdefault(tvf.parameter_part(names[id(param)]), set()).add(group["lr"])
-    expected = {part: {config["training"]["learning_rate"]} for part in DOCUMENTED_PARTS[stage]}
+    expected = {part: {training_args.learning_rate} for part in DOCUMENTED_PARTS[stage]}
     if "vision_tower" in expected:
         expected["vision_tower"] = {2e-6}
     assert rates == expected
 
 
 def test_lora_adapters_train_save_load_and_merge(media, tmp_path):
-    config = tiny_config(media, tmp_path, steps=8, learning_rate=5e-3, save_strategy="steps", save_steps=4)
-    config.update(tune_parts=[], lora={"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0,
-                                       "modules_to_save": ["mm_projector"]})
-    trainer = run_training(config)
+    trainer = run_training(tiny_config(media, tmp_path, steps=8, learning_rate=5e-3, save_strategy="steps",
+                                       save_steps=4, tune_parts=[], use_lora=True, lora_r=8, lora_alpha=16,
+                                       lora_dropout=0.0, lora_modules_to_save=["mm_projector"]))
     history = losses(trainer)
     print(f"\nLoRA loss {history[0]:.3f} -> {history[-1]:.3f}")
     assert history[-1] < history[0]
@@ -388,8 +384,8 @@ def test_lora_adapters_train_save_load_and_merge(media, tmp_path):
 
 
 def test_lora_trainable_parameters_and_target_regex():
-    model = tvf._apply_lora(build_tiny_model(0), dict(tvf.LORA_DEFAULTS, r=4, modules_to_save=["mm_projector"]),
-                            tune_parts=["llm"])
+    model = tvf.apply_lora(build_tiny_model(0), ModelArguments(model_name_or_path="tiny", tune_parts=["llm"],
+                                                               lora_r=4, lora_modules_to_save=["mm_projector"]))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or ".mm_projector.modules_to_save." in n for n in trainable)
     lora_modules = {n.rsplit(".lora_A", 1)[0] for n in trainable if ".lora_A" in n}
@@ -401,17 +397,10 @@ def test_lora_trainable_parameters_and_target_regex():
 
 
 # ============================================================================================ 4. checkpointing
-def test_gradient_checkpointing_same_loss_and_gradients():
-    processor = tiny_processor()
-    collator = VideoChatFlashDataCollator(processor)
-    torch.manual_seed(0)
-    items = []
-    for frames, answer in ((8, "It is red."), (4, "Blue, with a band.")):
-        item = fake_item([{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": answer}],
-                         frames=(frames,))
-        item["videos"] = [torch.randn(frames, 3, SIZE, SIZE)]
-        items.append(item)
-    batch = collator(items)
+def test_gradient_checkpointing_same_loss_and_gradients(media):
+    data = dataset(media, [record("clip0.mp4", f"<image>\n{QUESTION}", "It is red."),
+                           record("twelve.mp4", f"<image>\n{QUESTION}", "Grey, with a band.")])
+    batch = VideoChatFlashDataCollator(256)([data[0], data[1]])
 
     def counting(func, name, calls):
         def wrapped(*args, **kwargs):
@@ -513,10 +502,8 @@ def test_gradient_accumulation_is_token_normalised(media, tmp_path):
 # ============================================================================================ configs, CLI
 def test_main_runs_a_yaml_config_and_the_cli_entry(media, trained, tmp_path):
     """Stage 4 from a saved folder, at a higher frame size (as the original moves to 448 px), via the CLI."""
-    config = tiny_config(media, tmp_path / "out", steps=2)
-    config["stage"] = "stage4"  # LLM frozen: only the vision tower and projector move
-    config["model"] = {"name_or_path": str(trained["output"]), "image_size": 160}
-    config["training"].pop("learning_rate")
+    config = tiny_config(media, tmp_path / "out", steps=2, stage="stage4",  # LLM frozen: vision tower + projector
+                         model_name_or_path=str(trained["output"]), image_size=160, learning_rate="1e-3")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     from videochat_flash.videochat_flash_cli import main as cli_main
@@ -530,7 +517,7 @@ def test_main_runs_a_yaml_config_and_the_cli_entry(media, trained, tmp_path):
     changed = {tvf.parameter_part(n) for (n, p), q in zip(start.named_parameters(), result.parameters())
                if not torch.equal(p, q)}
     assert changed == {"vision_tower", "projector"}
-    assert tvf.main([str(path)]) == 0  # python training_videochat_flash.py CONFIG.yaml
+    assert tvf.main([str(path)]) == 0  # python -m videochat_flash.training_videochat_flash CONFIG.yaml
 
 
 def test_shipped_distributed_configs():
@@ -557,17 +544,20 @@ def test_shipped_distributed_configs():
     classes = {type(m).__name__ for m in build_tiny_model(0).modules()}
     assert set(fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")) <= classes
 
-    lora = build_training_config(yaml.safe_load((REPO_ROOT / "configs" / "train_lora.yaml").read_text()))
-    assert lora["lora"]["enabled"] and lora["lora"]["modules_to_save"] == ["mm_projector"]
-    assert lora["lora"]["target_modules"] == tvf.LLM_LORA_TARGET_MODULES
+    lora, data_args, training_args = parse_config(REPO_ROOT / "configs" / "train_lora.yaml")
+    assert lora.use_lora and lora.lora_modules_to_save == ["mm_projector"] and lora.tune_parts == []
+    assert lora.lora_target_modules == tvf.LLM_LORA_TARGET_MODULES
+    assert (training_args.learning_rate, data_args.frames_upbound) == (2e-4, 128)
 
 
-def test_config_errors_are_clear(tmp_path):
+def test_config_errors_are_clear(media, tmp_path):
+    good = tiny_config(media, tmp_path)
     with pytest.raises(ValueError, match="unknown stage"):
-        build_training_config({"stage": "stage5", "model": {"name_or_path": "tiny"}, "training": {"output_dir": "x"}})
-    with pytest.raises(ValueError, match="output_dir"):
-        build_training_config({"model": {"name_or_path": "tiny"}})
-    with pytest.raises(ValueError, match="unknown top-level"):
-        build_training_config({"modle": {}, "training": {"output_dir": "x"}})
-    with pytest.raises(ValueError, match="unknown training options"):
-        tvf._training_arguments({"output_dir": str(tmp_path), "learning_rte": 1.0}, tmp_path)
+        parse_config({**good, "stage": "stage5"})
+    with pytest.raises(ValueError, match="needs output_dir"):
+        parse_config({key: value for key, value in good.items() if key != "output_dir"})
+    with pytest.raises(ValueError, match=r"unknown config fields \['learning_rte'\]"):
+        parse_config({**good, "learning_rte": 1.0})
+    with pytest.raises(ValueError, match="learning_rate: 'fast' is not a float"):
+        parse_config({**good, "learning_rate": "fast"})
+    assert parse_config({**good, "learning_rate": "1e-3"})[2].learning_rate == 1e-3  # PyYAML reads 1e-3 as a string
