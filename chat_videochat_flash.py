@@ -1,20 +1,15 @@
-"""``model.chat(...)``: the original VideoChat-Flash conversation API on the transformers-native model.
-
-Code written for the original remote code keeps working::
+"""``model.chat(...)``: the original VideoChat-Flash conversation API, on the transformers-native model.
 
     output, chat_history = model.chat(video_path, tokenizer, "Describe the video.", return_history=True,
                                       max_num_frames=512, generation_config={"max_new_tokens": 256})
     output, chat_history = model.chat(video_path, tokenizer, "And then?", chat_history=chat_history)
 
-Same arguments, return values and prompt: the first user turn is ``"<image>\\n" + time message + " " + question``,
-rendered by the processor's chat template like every other prompt. Beyond the original:
-
-* a video's tokens come from ``encode_video_streaming`` (the processor's pixels, the model's tokens, chunk by chunk:
-  ``max_num_frames`` can be 10,000) and are kept for later turns on the same file (path, mtime, size, settings);
-* the previous turn's KV cache is reused by a follow-up on the same video: only the tokens after the longest
-  common prefix run (not with in-LLM token dropping, which ranks the visual tokens by each question);
-* roles may be ``"user"``/``"assistant"`` or the original's ``"<|im_start|>user"``; new entries follow the history;
-* any device and dtype, no flash-attn; ``progress=True`` shows a progress bar while the video is encoded.
+Same arguments, return values and prompt as the original (the first user turn is ``"<image>\\n" + time message +
+" " + question``), rendered by the processor's chat template like every other prompt. Beyond the original: a video's
+tokens come from ``encode_video_streaming`` (chunk by chunk, so ``max_num_frames`` can be 10,000) and are kept for
+later turns on the same file; a follow-up reuses the previous turn's KV cache and runs only the tokens after the
+common prefix (not with in-LLM token dropping, which ranks the visual tokens by each question); roles may be
+``"user"``/``"assistant"`` or the original's ``"<|im_start|>user"``; any device and dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +23,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_videochat_flash import CACHE_KWARG
 from .frame_sampling import time_message
-from .processing_videochat_flash import MEDIA_MARKER, VideoChatFlashProcessor, VideoChatFlashVideoProcessor, media_blocks
+from .processing_videochat_flash import MEDIA_MARKER, VideoChatFlashProcessor, VideoChatFlashVideoProcessor
+from .processing_videochat_flash import media_blocks
 from .streaming_videochat_flash import encode_video_streaming
 
 __all__ = ["VideoChatFlashChatMixin", "normalize_role"]
@@ -67,21 +63,12 @@ class VideoChatFlashChatMixin:
              generation_config: dict | None = None, *, processor=None, progress: bool = False):
         """Answer `user_prompt` about the video at `video_path` (the original VideoChat-Flash ``chat()``).
 
-        Args:
-            video_path: a video file, or decoded frames (not cached; the processor's rule for decoded frames).
-            tokenizer: the checkpoint's tokenizer (the placeholder tokens are added to it when missing).
-            user_prompt: the question.
-            chat_history: earlier turns as a previous call returned them; ``None`` or ``[]`` starts a conversation.
-                A list passed in is extended in place, as the original does.
-            return_history: also return the history.
-            max_num_frames: cap of the frame sampling (files: about 1 frame per second, 64 frames at least).
-            media_dict: the original's reader options: ``{"video_read_type": "decord" | "pyav"}``.
-            generation_config: keyword arguments of ``generate`` (``max_new_tokens``, ``do_sample``, ...).
-            processor: a ready ``VideoChatFlashProcessor`` (default: built from `tokenizer`).
-            progress: show a progress bar while the video is encoded.
-
-        Returns:
-            The answer (stripped), or ``(answer, chat_history)`` when `return_history`.
+        `video_path` is a file or decoded frames (the processor's rule for them; not cached); `chat_history` the turns
+        a previous call returned (extended in place, as the original does; ``None`` starts a conversation);
+        `max_num_frames` caps the frame sampling; `media_dict` takes the original's ``{"video_read_type": "decord" |
+        "pyav"}``; `generation_config` holds ``generate`` arguments; `processor` defaults to one built from
+        `tokenizer`; `progress` shows a bar while the video is encoded. Returns the stripped answer, and the history
+        when `return_history`.
         """
         processor = processor if processor is not None else self._chat_processor(tokenizer)
         features, metadata = self._chat_video_tokens(video_path, processor, max_num_frames, _video_backend(media_dict),
@@ -153,7 +140,7 @@ class VideoChatFlashChatMixin:
                 content, video_placed = media_blocks(content, ["video"]), True
             messages.append({"role": role, "content": content})
         if not video_placed:
-            raise ValueError(f"chat_history must start with the user turn holding {MEDIA_MARKER!r} (as chat() returns it)")
+            raise ValueError(f"chat_history must start with a user turn holding {MEDIA_MARKER!r}, as chat() returns it")
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         video_text = processor.video_replacement(metadata.num_frames, metadata, time_message_style=None)
         (text,), _ = processor.get_text_with_replacements([prompt], videos_replacements=[video_text])

@@ -1,8 +1,8 @@
 """Configuration of VideoChat-Flash (UMT video encoder + ToMe projector + Qwen2 language model).
 
-The config is *flat*, like the published checkpoints' ``config.json``: the Qwen2 text fields sit at the
-top level (so the Qwen2 decoder layers of transformers read them directly), next to the original
-``mm_*`` / ``llm_*`` multimodal fields. An original ``config.json`` loads unchanged; unknown fields are kept.
+Flat, like the published ``config.json``: the Qwen2 text fields sit at the top level (transformers' Qwen2 decoder
+layers read them directly) beside the original ``mm_*`` / ``llm_*`` fields, so an original ``config.json`` loads
+unchanged; unknown fields are kept.
 """
 
 from dataclasses import fields
@@ -19,54 +19,36 @@ VIT_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads"
 # rows) already has both, as ids 151656 and 151655.
 DEFAULT_PLACEHOLDER_IDS = {152064: (151646, 151647), 151936: (151656, 151655)}
 
-# transformers 5.24 renamed the cache argument of models, decoder layers and generate, and the matching output field,
-# from `past_key_values` to `cache`; 5.23 and older use the old name. The model speaks `cache` and translates at the
-# boundary with transformers. Read from the installed version's own output class (one light import, where the
-# signature of Qwen2Model.forward would need the whole modeling module); a test checks both agree.
+# transformers 5.24 renamed the cache argument of models, decoder layers and generate (and the output field) from
+# `past_key_values` to `cache`. The model speaks `cache` and translates at the boundary. Read from an output class
+# (a light import; the signature of Qwen2Model.forward would need the whole modeling module); a test checks both agree.
 CACHE_KWARG = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
 
 LLM_COMPRESS_TYPES = ("attention", "uniform", "uniform0_attention", "uniform1_attention")
 
 
 class VideoChatFlashConfig(Qwen2Config):
-    r"""
-    Args:
-        mm_vision_tower (`str`): ``"umt-large"`` (224 px) or ``"umt-hd-large"`` (448 px).
-        mm_hidden_size (`int`): width of the vision features entering the projector (the tower width).
-        mm_vision_select_layer (`int`): which block's output is used; ``-2`` builds ``depth - 1`` blocks.
-        mm_projector_type (`str`): only ``"tome16_mlp_hd64"`` exists.
-        mm_local_num_frames (`int`): frames per clip; a clip is encoded as one sequence and merged to 64 tokens.
-        mm_llm_compress (`bool`): drop visual tokens inside the LLM.
-        llm_compress_type (`str`): one of ``attention``, ``uniform``, ``uniform0_attention``, ``uniform1_attention``.
-        llm_compress_layer_list (`list[int]`): after these many layers a drop stage happens.
-        llm_image_token_ratio_list (`list[float]`): fraction of the visual tokens alive in each stage
-            (one more entry than ``llm_compress_layer_list``).
-        vision_config (`dict`, *optional*): explicit tower dims (``hidden_size``, ``num_hidden_layers`` = nominal
-            depth before the select-layer cut, ``num_attention_heads``, ``patch_size``, ``image_size``) overriding
-            the ViT-L defaults implied by ``mm_vision_tower``.
-        video_token_id / image_token_id (`int`, *optional*): placeholder ids; default from the vocabulary size of
-            the published checkpoints.
-        tokens_per_frame (`int`): visual tokens per video frame after merging (16).
+    r"""The Qwen2 fields plus the original multimodal ones. ``mm_vision_tower``: ``"umt-large"`` (224 px) or
+    ``"umt-hd-large"`` (448 px), whose ViT-L dims ``vision_config`` (``hidden_size``, nominal ``num_hidden_layers``,
+    ``num_attention_heads``, ``patch_size``, ``image_size``) can override; ``mm_vision_select_layer`` picks the block
+    whose output is used (-2: the second to last). ``mm_local_num_frames`` frames make a clip, encoded as one sequence
+    and merged to ``tokens_per_frame`` tokens per frame. ``mm_llm_compress`` drops visual tokens inside the LLM (see
+    `validate_token_dropping`). Placeholder ids default from the published vocabularies. Raises ValueError for a
+    tower, projector, newline position or ``mm_hidden_size`` the published model lacks.
     """
 
     model_type = "videochat_flash"
 
     def __init__(
         self,
-        mm_vision_tower="umt-hd-large",
-        mm_hidden_size=None,
-        mm_vision_select_layer=-2,
-        mm_projector_type="tome16_mlp_hd64",
-        mm_local_num_frames=4,
-        mm_newline_position="nothing",
-        mm_llm_compress=False,
-        llm_compress_type="attention",
-        llm_compress_layer_list=(8, 16, 24),
+        # vision tower and projector
+        mm_vision_tower="umt-hd-large", mm_hidden_size=None, mm_vision_select_layer=-2,
+        mm_projector_type="tome16_mlp_hd64", mm_local_num_frames=4, mm_newline_position="nothing",
+        # in-LLM token dropping
+        mm_llm_compress=False, llm_compress_type="attention", llm_compress_layer_list=(8, 16, 24),
         llm_image_token_ratio_list=(1.0, 0.5, 0.25, 0.125),
-        tokenizer_model_max_length=None,
-        vision_config=None,
-        video_token_id=None,
-        image_token_id=None,
+        # the original's tokenizer length (kept), explicit tower dims, placeholder ids, merged tokens per frame
+        tokenizer_model_max_length=None, vision_config=None, video_token_id=None, image_token_id=None,
         tokens_per_frame=16,
         **kwargs,
     ):
@@ -78,19 +60,16 @@ class VideoChatFlashConfig(Qwen2Config):
         if mm_projector_type != "tome16_mlp_hd64":
             raise ValueError(f"unsupported mm_projector_type {mm_projector_type!r}: only 'tome16_mlp_hd64' exists")
         if mm_newline_position not in ("nothing", None):
-            raise ValueError(
-                f"mm_newline_position={mm_newline_position!r} is not supported: the published checkpoints use 'nothing'"
-            )
+            raise ValueError(f"mm_newline_position={mm_newline_position!r} is not supported: "
+                             "the published checkpoints use 'nothing'")
         kwargs.pop("model_type", None)  # an original config.json names its own model_type; ours is the class's
-        resolved_vision = {**VIT_LARGE, "image_size": VISION_TOWER_IMAGE_SIZE.get(mm_vision_tower, 224)}
-        resolved_vision.update(vision_config or {})
-        self.vision_config = resolved_vision
+        self.vision_config = {**VIT_LARGE, "image_size": VISION_TOWER_IMAGE_SIZE.get(mm_vision_tower, 224),
+                              **(vision_config or {})}
+        tower_width = self.vision_config["hidden_size"]
         self.mm_vision_tower = mm_vision_tower
-        self.mm_hidden_size = mm_hidden_size if mm_hidden_size is not None else resolved_vision["hidden_size"]
-        if self.mm_hidden_size != resolved_vision["hidden_size"]:
-            raise ValueError(
-                f"mm_hidden_size={self.mm_hidden_size} differs from the vision tower width {resolved_vision['hidden_size']}"
-            )
+        self.mm_hidden_size = mm_hidden_size if mm_hidden_size is not None else tower_width
+        if self.mm_hidden_size != tower_width:
+            raise ValueError(f"mm_hidden_size={self.mm_hidden_size} differs from the vision tower width {tower_width}")
         self.mm_vision_select_layer = mm_vision_select_layer
         self.mm_projector_type = mm_projector_type
         self.mm_local_num_frames = mm_local_num_frames
@@ -110,15 +89,10 @@ class VideoChatFlashConfig(Qwen2Config):
     def image_size(self) -> int:
         return self.vision_config["image_size"]
 
-    @property
-    def image_tokens(self) -> int:
-        """Visual tokens per still image (a single frame is merged to a whole clip's worth: 64)."""
-        return self.tokens_per_frame * self.mm_local_num_frames
-
     def validate_token_dropping(self) -> None:
-        """Raise a clear error when the in-LLM dropping settings cannot work with this LLM depth.
-
-        Checked when dropping is used (the model card switches it on after loading), not at construction.
+        """Raise ValueError unless ``llm_compress_type``, ``llm_compress_layer_list`` (drop stages open after these
+        layers) and ``llm_image_token_ratio_list`` (visual tokens alive per stage, one more entry) can work with this
+        LLM depth. Checked when dropping is used (the model card switches it on after loading), not at construction.
         """
         layers, ratios = self.llm_compress_layer_list, self.llm_image_token_ratio_list
         if self.llm_compress_type not in LLM_COMPRESS_TYPES:
@@ -138,13 +112,11 @@ class VideoChatFlashConfig(Qwen2Config):
 
 
 class VideoChatFlashQwenConfig(VideoChatFlashConfig):
-    """Alias under the original remote code's class name and ``model_type``, so an original ``config.json``
-    (``architectures`` / ``auto_map``) resolves to this package's classes."""
+    """Alias under the original's class name and ``model_type``, so an original ``config.json`` resolves here."""
 
     model_type = "videochat_flash_qwen"
 
-    # Spelled out: transformers turns config subclasses into dataclasses, which would otherwise generate an
-    # __init__ from the Qwen2 fields and skip ours.
+    # Spelled out: transformers makes config subclasses dataclasses, whose generated __init__ would skip ours.
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
 

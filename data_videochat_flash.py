@@ -14,9 +14,9 @@ the placeholders (16 tokens per frame + the time message) and, with ``return_ass
 the template's ``{% generation %}`` blocks hold: each answer, its ``<|im_end|>`` and the newline after it.
 
 ``label_mode="original"`` reproduces the original ``preprocess_qwen`` targets bit for bit: whole assistant turns
-including their ``<|im_start|>assistant\\n`` header, plus every ``<|im_start|>``, ``<|im_end|>`` and lone ``"\\n"`` token
-of the sequence. ``prompt_format="plain"`` (stage 1) is ``preprocess_plain``: the visual tokens, then the answer and
-``"\\n"``, with no system prompt, question or time message.
+including their ``<|im_start|>assistant\\n`` header, plus every ``<|im_start|>``, ``<|im_end|>`` and lone
+``"\\n"`` token of the sequence. ``prompt_format="plain"`` (stage 1) is ``preprocess_plain``: the visual tokens, then
+the answer and ``"\\n"``, with no system prompt, question or time message.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ class VideoChatFlashTrainingDataset(torch.utils.data.Dataset):
         self.sampling = sampling if sampling is not None else FrameSampling.training()
         self.prompt_format, self.system_message, self.time_msg = prompt_format, system_message, time_msg
         self.label_mode, self.train_on_turn_newline = label_mode, train_on_turn_newline
-        self.model_max_length, self.video_backend, self.skip_bad_samples = model_max_length, video_backend, skip_bad_samples
+        self.model_max_length, self.video_backend = model_max_length, video_backend
+        self.skip_bad_samples = skip_bad_samples
 
     def __len__(self) -> int:
         return len(self.records)
@@ -219,9 +220,9 @@ class VideoChatFlashTrainingDataset(torch.utils.data.Dataset):
         inputs = self.processor.apply_chat_template(
             record_messages(record, None if plain else self.system_message), tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True, chat_template=PLAIN_CHAT_TEMPLATE if plain else None,
-            processor_kwargs={"videos_kwargs": videos_kwargs, "padding": False},
+            processor_kwargs={"videos_kwargs": videos_kwargs, "padding": False}, return_tensors="pt",
         )
-        input_ids, mask = list(inputs["input_ids"][0]), list(inputs["assistant_masks"][0])
+        input_ids, mask = inputs["input_ids"][0].tolist(), inputs["assistant_masks"][0].tolist()
         labels = labels_from_assistant_mask(input_ids, mask, self.processor.tokenizer, self.label_mode,
                                             self.train_on_turn_newline)
         if self.model_max_length and len(input_ids) > self.model_max_length:
@@ -232,11 +233,11 @@ class VideoChatFlashTrainingDataset(torch.utils.data.Dataset):
             input_ids, labels = input_ids[: self.model_max_length], labels[: self.model_max_length]
         item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
         if "pixel_values_videos" in inputs:
-            counts = [int(n) for n in inputs["video_frame_counts"]]
-            pixels = torch.as_tensor(inputs["pixel_values_videos"])
-            item.update(pixel_values_videos=pixels.reshape(-1, *pixels.shape[-3:]), video_frame_counts=counts)
+            pixels = inputs["pixel_values_videos"]
+            item.update(pixel_values_videos=pixels.reshape(-1, *pixels.shape[-3:]),
+                        video_frame_counts=inputs["video_frame_counts"].tolist())
         if "pixel_values" in inputs:
-            item["pixel_values"] = torch.as_tensor(inputs["pixel_values"])
+            item["pixel_values"] = inputs["pixel_values"]
         return item
 
 

@@ -83,7 +83,8 @@ def flat_source(source: str) -> str:
     text = (REPO_ROOT / source).read_text()
     if source.startswith("vision_tower/"):
         text = re.sub(r"^(\s*)from \.\.(\w)", r"\1from .\2", text, flags=re.M)  # the package's parent: a sibling
-        text = re.sub(r"^(\s*)from \.(?!vision_tower_)(\w+) import", r"\1from .vision_tower_\2 import", text, flags=re.M)
+        text = re.sub(r"^(\s*)from \.(?!vision_tower_)(\w+) import", r"\1from .vision_tower_\2 import", text,
+                      flags=re.M)
     return re.sub(r"^(\s*)from \.vision_tower\.(\w+) import", r"\1from .vision_tower_\2 import", text, flags=re.M)
 
 
@@ -228,7 +229,8 @@ def make_hub_loadable(folder, processor, generation_overrides: dict | None = Non
     ids = check_placeholder_ids(processor, config["vocab_size"])
     processor.save_pretrained(folder)
     copy_code_files(folder)  # after the processor, whose save copies (possibly other) module files
-    _update_json(folder / "config.json", auto_map=dict(AUTO_MAP), custom_pipelines=json.loads(json.dumps(CUSTOM_PIPELINES)),
+    _update_json(folder / "config.json", auto_map=dict(AUTO_MAP),
+                 custom_pipelines=json.loads(json.dumps(CUSTOM_PIPELINES)),
                  architectures=["VideoChatFlashForCausalLM"], model_type="videochat_flash", use_cache=True,
                  video_token_id=ids["video_token_id"], image_token_id=ids["image_token_id"])
     base = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None

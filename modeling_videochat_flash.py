@@ -1,13 +1,9 @@
 """VideoChat-Flash: UMT video encoder + ToMe projector (16 tokens per frame) + Qwen2 with in-LLM token dropping.
 
-The language model is assembled from transformers' own Qwen2 decoder layers, rotary embedding and RMSNorm; only
-the layer loop is ours, because the published model can drop visual tokens between layers (`token_dropping.py`).
-State-dict keys are those of the published checkpoints (``model.layers.N.*``,
-``model.vision_tower.vision_tower.encoder.*``, ``model.mm_projector.*``, ``lm_head.weight``), so their safetensors
-load unchanged.
-
-A forward pass: `embed_multimodal` (text embeddings, visual tokens written at their placeholders) -> positions and
-masks -> `_decoder_layers` (drop stages open after the layers of ``llm_compress_layer_list``) -> final norm.
+The LLM is built from transformers' Qwen2 decoder layers, rotary embedding and RMSNorm; only the layer loop is ours,
+because the published model can drop visual tokens between layers (`token_dropping.py`). State-dict keys are the
+published checkpoints' (``model.layers.N.*``, ``model.vision_tower.vision_tower.encoder.*``, ``model.mm_projector.*``,
+``lm_head.weight``), so their safetensors load unchanged.
 """
 
 from dataclasses import dataclass
@@ -58,16 +54,10 @@ def _model_output(output_class, cache, **fields):
 
 
 def _causal_mask(key_mask, query_length, key_length, dtype, device, attn_implementation):
-    """Attention mask for `query_length` new tokens attending to `key_length` cached + new keys.
-
-    Args:
-        key_mask: `(batch, key_length)` bool, or None when every key is a real token.
-    Returns:
-        None where the attention function can do without one (sdpa's causal kernel, single-token decoding),
-        the 2D key mask for flash attention, else a `(batch, 1, query_length, key_length)` mask (bool for sdpa,
-        additive float for eager). Padded queries attend to themselves only, so no row is fully masked (which
-        would give NaN with sdpa).
-    """
+    """Mask of `query_length` new tokens attending to `key_length` cached + new keys (`key_mask` `(batch, key_length)`
+    bool, None when all are real): None where the kernel needs none (sdpa's causal path, single-token decoding), the
+    2D key mask for flash attention, else `(batch, 1, query, key)`, bool for sdpa, additive float for eager. Padded
+    queries attend to themselves, so no row is fully masked (that would give NaN with sdpa)."""
     all_real = key_mask is None or bool(key_mask.all())
     if "flash" in attn_implementation:
         return None if all_real else key_mask.long()
@@ -75,12 +65,9 @@ def _causal_mask(key_mask, query_length, key_length, dtype, device, attn_impleme
         return None
     key_index = torch.arange(key_length, device=device)
     query_index = key_index[key_length - query_length :]
-    allowed = key_index[None, :] <= query_index[:, None]  # (query, key)
+    allowed = (key_index[None, :] <= query_index[:, None])[None]  # (1, query, key)
     if key_mask is not None:
-        allowed = allowed[None] & key_mask[:, None, :].bool()
-        allowed = allowed | (key_index[None, :] == query_index[:, None])[None]
-    else:
-        allowed = allowed[None]
+        allowed = (allowed & key_mask[:, None, :].bool()) | (key_index[None, :] == query_index[:, None])
     allowed = allowed[:, None]  # (batch, 1, query, key)
     if attn_implementation == "sdpa":
         return allowed
@@ -125,8 +112,6 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
 
     def __init__(self, config: VideoChatFlashConfig):
         super().__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
         for name in ("video_token_id", "image_token_id"):
             token_id = getattr(config, name)
             if token_id is not None and not 0 <= token_id < config.vocab_size:
@@ -134,29 +119,21 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
                     f"config.{name}={token_id} is outside the embedding table (vocab_size={config.vocab_size}); "
                     "placeholder tokens must be added to the tokenizer without resizing the embeddings"
                 )
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [Qwen2DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([Qwen2DecoderLayer(config, index) for index in range(config.num_hidden_layers)])
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
         vision = config.vision_config
         self.vision_tower = UMTVisionTower(
-            hidden_size=vision["hidden_size"],
-            num_hidden_layers=vision["num_hidden_layers"],
-            num_attention_heads=vision["num_attention_heads"],
-            patch_size=vision["patch_size"],
-            image_size=vision["image_size"],
-            num_frames=config.mm_local_num_frames,
+            hidden_size=vision["hidden_size"], num_hidden_layers=vision["num_hidden_layers"],
+            num_attention_heads=vision["num_attention_heads"], patch_size=vision["patch_size"],
+            image_size=vision["image_size"], num_frames=config.mm_local_num_frames,
             select_layer=config.mm_vision_select_layer,
         )
         self.mm_projector = ToMeProjector(
-            mm_hidden_size=config.mm_hidden_size,
-            hidden_size=config.hidden_size,
-            num_attention_heads=vision["num_attention_heads"],
-            image_size=vision["image_size"],
-            patch_size=vision["patch_size"],
-            tokens_per_frame=config.tokens_per_frame,
+            mm_hidden_size=config.mm_hidden_size, hidden_size=config.hidden_size,
+            num_attention_heads=vision["num_attention_heads"], image_size=vision["image_size"],
+            patch_size=vision["patch_size"], tokens_per_frame=config.tokens_per_frame,
         )
         self.gradient_checkpointing = False
         # Clips encoded per vision-tower call (None: `clips_per_tower_call` picks by device). Bounds activation memory
@@ -164,24 +141,15 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         self.vision_clips_per_batch: int | None = None
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     # ------------------------------------------------------------------------------------------------ vision
     def _split_videos(self, pixel_values_videos, video_frame_counts=None):
-        """Normalise the accepted video layouts into a list of `(frames, 3, S, S)` tensors."""
-        if isinstance(pixel_values_videos, (list, tuple)):
+        """The accepted video layouts (see `get_video_features`) as a list of `(frames, 3, S, S)` tensors."""
+        if isinstance(pixel_values_videos, (list, tuple)) or pixel_values_videos.dim() == 5:
             videos = list(pixel_values_videos)
-        elif pixel_values_videos.dim() == 5:
-            videos = list(pixel_values_videos)
+        elif pixel_values_videos.dim() == 4 and video_frame_counts is None:
+            videos = [pixel_values_videos]
         elif pixel_values_videos.dim() == 4:
-            if video_frame_counts is None:
-                videos = [pixel_values_videos]
-            else:
-                videos = list(torch.split(pixel_values_videos, [int(n) for n in video_frame_counts], dim=0))
+            videos = list(torch.split(pixel_values_videos, [int(n) for n in video_frame_counts], dim=0))
         else:
             raise ValueError(
                 "pixel_values_videos must be (videos, frames, 3, S, S), a list of (frames, 3, S, S) tensors, or "
@@ -211,16 +179,9 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
                       * self.vision_tower_dtype.itemsize)
         return max(1, min(16, CPU_TOWER_CALL_BYTES // clip_bytes))
 
-    def encode_clips(self, clips: torch.Tensor, on_chunk=None) -> torch.Tensor:
-        """Visual tokens of 4-frame clips, `clips_per_tower_call` clips per vision-tower call.
-
-        Args:
-            clips: `(num_clips, clip_frames, 3, S, S)` normalised pixels.
-            on_chunk: optional callable, given the number of clips after each tower call (e.g. a progress bar's
-                `update`).
-        Returns:
-            `(num_clips, 16 * clip_frames, hidden_size)` projected tokens, in time order.
-        """
+    def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
+        """`(num_clips, clip_frames, 3, S, S)` normalised pixels -> `(num_clips, 16 * clip_frames, hidden_size)`
+        projected tokens in time order, `clips_per_tower_call` clips per vision-tower call."""
         clip_frames = clips.shape[1]
         outputs = []
         for chunk in torch.split(clips, self.clips_per_tower_call):
@@ -228,8 +189,6 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
             features = self._run_vision_tower(chunk)  # (clips, frames * patches, width)
             features = features.reshape(chunk.shape[0] * clip_frames, -1, features.shape[-1])
             outputs.append(self.mm_projector(features, compress=True, local_num_frames=clip_frames))
-            if on_chunk is not None:
-                on_chunk(chunk.shape[0])
         return torch.cat(outputs)
 
     def _run_vision_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -250,15 +209,10 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         return next(self.vision_tower.parameters()).dtype
 
     def get_video_features(self, pixel_values_videos, video_frame_counts=None, return_dict=False, **kwargs):
-        """Project videos to visual tokens (16 per frame).
-
-        Args:
-            pixel_values_videos: `(videos, frames, 3, S, S)`, a list of `(frames_i, 3, S, S)`, or
-                `(total_frames, 3, S, S)` with `video_frame_counts`.
-        Returns:
-            A tuple with one `(16 * frames_i, hidden_size)` tensor per video (as ``pooler_output`` of a
-            `BaseModelOutputWithPooling` when `return_dict`).
-        """
+        """Videos `(videos, frames, 3, S, S)`, a list of `(frames_i, 3, S, S)`, or `(total_frames, 3, S, S)` with
+        `video_frame_counts` -> a tuple of one `(16 * frames_i, hidden_size)` tensor per video (the ``pooler_output``
+        of a `BaseModelOutputWithPooling` when `return_dict`). Raises ValueError for other layouts and for frame
+        counts that are not multiples of ``mm_local_num_frames``."""
         videos = self._split_videos(pixel_values_videos, video_frame_counts)
         clip = self.config.mm_local_num_frames
         clips = torch.cat([video.reshape(-1, clip, *video.shape[1:]) for video in videos])
@@ -268,13 +222,8 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
 
     def get_image_features(self, pixel_values, return_dict=False, **kwargs):
-        """Project still images to 64 visual tokens each.
-
-        Args:
-            pixel_values: `(images, 3, S, S)`.
-        Returns:
-            A tuple with one `(64, hidden_size)` tensor per image.
-        """
+        """Images `(images, 3, S, S)` (or one `(3, S, S)`) -> a tuple of one `(64, hidden_size)` tensor per image (the
+        ``pooler_output`` of a `BaseModelOutputWithPooling` when `return_dict`)."""
         if pixel_values.dim() == 3:
             pixel_values = pixel_values[None]
         pixel_values = pixel_values.to(device=self.vision_tower_device, dtype=self.vision_tower_dtype)
@@ -283,25 +232,13 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         features = tuple(tokens)
         return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
 
-    def _scatter_visual_features(self, input_ids, inputs_embeds, token_id, features, kind):
-        """Write visual tokens into the embedding rows of their placeholders (checking the counts)."""
-        if token_id is None:
-            raise ValueError(f"config.{kind}_token_id is not set, so {kind} placeholders cannot be located")
-        features = torch.cat(list(features)).to(inputs_embeds.device, inputs_embeds.dtype)
-        placeholder = input_ids == token_id
-        num_placeholders = int(placeholder.sum())
-        if num_placeholders != features.shape[0]:
-            raise ValueError(
-                f"{kind} placeholders and {kind} features do not match: input_ids hold {num_placeholders} "
-                f"{kind} tokens (id {token_id}) but the {kind} inputs give {features.shape[0]} visual tokens"
-            )
-        return inputs_embeds.masked_scatter(placeholder[..., None].expand_as(inputs_embeds), features)
-
     def embed_multimodal(
         self, input_ids, inputs_embeds=None, pixel_values_videos=None, video_frame_counts=None, pixel_values=None,
         mm_encoder_outputs=None,
     ):
-        """Text embeddings with the visual tokens spliced in at their placeholders."""
+        """`(batch, seq, hidden)` text embeddings with the visual tokens written at their placeholders; the pixels are
+        encoded unless `mm_encoder_outputs` (``{"video" / "image": BaseModelOutputWithPooling}``) holds their tokens.
+        Raises ValueError when placeholders and visual tokens do not match."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
@@ -312,17 +249,25 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         for kind in ("video", "image"):
             token_id = getattr(self.config, f"{kind}_token_id")
             encoded = mm_encoder_outputs.get(kind)
-            if encoded is not None:
-                if input_ids is None:
-                    raise ValueError("visual inputs need input_ids to locate their placeholder tokens")
-                inputs_embeds = self._scatter_visual_features(
-                    input_ids, inputs_embeds, token_id, encoded.pooler_output, kind
-                )
-            elif input_ids is not None and token_id is not None and bool((input_ids == token_id).any()):
+            if encoded is None:
+                if input_ids is not None and token_id is not None and bool((input_ids == token_id).any()):
+                    raise ValueError(
+                        f"input_ids hold {int((input_ids == token_id).sum())} {kind} placeholder tokens but no {kind} "
+                        "input was given (0 visual tokens)"
+                    )
+                continue
+            if input_ids is None:
+                raise ValueError("visual inputs need input_ids to locate their placeholder tokens")
+            if token_id is None:
+                raise ValueError(f"config.{kind}_token_id is not set, so {kind} placeholders cannot be located")
+            features = torch.cat(list(encoded.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
+            placeholder = input_ids == token_id
+            if int(placeholder.sum()) != features.shape[0]:
                 raise ValueError(
-                    f"input_ids hold {int((input_ids == token_id).sum())} {kind} placeholder tokens but no {kind} "
-                    "input was given (0 visual tokens)"
+                    f"{kind} placeholders and {kind} features do not match: input_ids hold {int(placeholder.sum())} "
+                    f"{kind} tokens (id {token_id}) but the {kind} inputs give {features.shape[0]} visual tokens"
                 )
+            inputs_embeds = inputs_embeds.masked_scatter(placeholder[..., None].expand_as(inputs_embeds), features)
         return inputs_embeds
 
     def visual_token_mask(self, input_ids):
@@ -338,34 +283,20 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
     # ------------------------------------------------------------------------------------------------ LLM
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache: Cache | None = None,
-        inputs_embeds=None,
+        # text and cache, in Qwen2Model's order (`past_key_values`, last, is the cache's name before transformers 5.24)
+        input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None, inputs_embeds=None,
         use_cache=None,
-        pixel_values_videos=None,
-        video_frame_counts=None,
-        pixel_values=None,
-        mm_encoder_outputs=None,
-        labels=None,
-        drop_query_position=None,
-        output_hidden_states=None,
-        past_key_values: Cache | None = None,
+        # visual inputs: see `embed_multimodal`
+        pixel_values_videos=None, video_frame_counts=None, pixel_values=None, mm_encoder_outputs=None,
+        # token dropping and outputs
+        labels=None, drop_query_position=None, output_hidden_states=None, past_key_values: Cache | None = None,
         **kwargs,
     ) -> VideoChatFlashModelOutput:
-        r"""
-        Args:
-            input_ids (`(batch, seq)`): text with one placeholder token per visual token.
-            attention_mask (`(batch, past + seq)`): 1 for real tokens, 0 for padding.
-            pixel_values_videos: see [`~VideoChatFlashModel.get_video_features`].
-            pixel_values (`(images, 3, S, S)`): still images.
-            labels (`(batch, seq)`, *optional*): only used by attention-based token dropping during training,
-                which scores visual tokens from the tokens right before each answer.
-            drop_query_position (`int` or `(batch,)`, *optional*): index in `input_ids` of the token whose attention
-                ranks the visual tokens (default: the last real token, i.e. the end of the prompt). Passing the
-                prompt's last index lets an uncached forward over prompt + generated tokens rank exactly as the
-                cached prefill did.
+        r"""Decoder states of `(batch, seq)` `input_ids` (one placeholder per visual token) with a `(batch, past + seq)`
+        `attention_mask` (0 for padding). `labels` `(batch, seq)` only serve attention-based dropping in training,
+        which ranks visual tokens from the tokens right before each answer. `drop_query_position` (an index or
+        `(batch,)`) is the token whose attention ranks them (default: the last real token, the end of the prompt);
+        the prompt's last index lets an uncached forward over prompt + generated tokens rank as the cached prefill did.
         """
         cache = cache if cache is not None else past_key_values
         if input_ids is None and inputs_embeds is None:
@@ -394,31 +325,19 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        return _model_output(
-            VideoChatFlashModelOutput,
-            cache if use_cache else None,
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            kept_token_index=drop.kept_index if drop is not None else None,
-        )
+        kept_token_index = drop.kept_index if drop is not None else None
+        return _model_output(VideoChatFlashModelOutput, cache if use_cache else None, last_hidden_state=hidden_states,
+                             hidden_states=all_hidden_states, kept_token_index=kept_token_index)
 
     def _decoder_layers(
         self, hidden_states, position_ids, key_mask, past_length, cache, use_cache, drop, state, output_hidden_states,
         **kwargs,
     ):
-        """The decoder layers; a drop stage opens after each layer of ``llm_compress_layer_list``.
-
-        A prefill with visual tokens (`drop` set) drops them there and records the stage in the cache's `state`;
-        a cached decoding step instead takes the stage's positions and key mask from `state`. The attention mask and
-        rotary embeddings change only when a stage opens.
-
-        Args:
-            hidden_states: `(batch, seq, hidden)` input embeddings; position_ids: `(batch, seq)` positions of layer 0.
-            key_mask: `(batch, past + seq)` bool, or None when every token is real.
-            drop, state: from `token_dropping.prepare_dropping`.
-        Returns:
-            `(batch, kept_len, hidden)` output of the last layer, the input of every layer (with
-            `output_hidden_states`, else None), and the bookkeeping after the last drop (None without one).
+        """The decoder layers on `(batch, seq, hidden)` embeddings; a drop stage opens after each layer of
+        ``llm_compress_layer_list``. A prefill with visual tokens (`drop` set) drops them there and records the stage
+        in the cache's `state`; a cached decoding step takes the stage's positions and key mask from `state`. The mask
+        and rotary embeddings change only when a stage opens. Returns the last layer's `(batch, kept_len, hidden)`
+        output, every layer's input (with `output_hidden_states`, else None) and the bookkeeping after the last drop.
         """
         stage_layers = self.config.llm_compress_layer_list if self.config.mm_llm_compress else []
         new_valid = key_mask[:, -hidden_states.shape[1] :] if key_mask is not None else None
@@ -431,13 +350,8 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states = decoder_layer(
-                hidden_states,
-                attention_mask=layer_mask,
-                position_ids=positions,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **{CACHE_KWARG: cache},
-                **kwargs,
+                hidden_states, attention_mask=layer_mask, position_ids=positions, use_cache=use_cache,
+                position_embeddings=position_embeddings, **{CACHE_KWARG: cache}, **kwargs,
             )
             if layer_index + 1 not in stage_layers:
                 continue
@@ -469,29 +383,16 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
 
 
 class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, VideoChatFlashChatMixin):
+    """`VideoChatFlashModel` with its LM head, `generate` and `chat`. The embedding and decoder accessors are
+    transformers' defaults (`model.embed_tokens`, `lm_head`, `model`), as for Qwen2."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: VideoChatFlashConfig):
         super().__init__(config)
         self.model = VideoChatFlashModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def get_decoder(self):
-        return self.model
 
     def get_video_features(self, pixel_values_videos, video_frame_counts=None, return_dict=False, **kwargs):
         return self.model.get_video_features(pixel_values_videos, video_frame_counts, return_dict, **kwargs)
@@ -501,44 +402,24 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
 
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache: Cache | None = None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep=0,
-        pixel_values_videos=None,
-        video_frame_counts=None,
-        pixel_values=None,
-        mm_encoder_outputs=None,
-        drop_query_position=None,
-        past_key_values: Cache | None = None,
+        # every model input is named, as generate() needs (see `VideoChatFlashModel.forward`)
+        input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None, inputs_embeds=None,
+        labels=None, use_cache=None, logits_to_keep=0,
+        pixel_values_videos=None, video_frame_counts=None, pixel_values=None, mm_encoder_outputs=None,
+        drop_query_position=None, past_key_values: Cache | None = None,
         **kwargs,
     ) -> VideoChatFlashCausalLMOutput:
-        r"""
-        labels (`(batch, seq)`, *optional*): next-token targets aligned with `input_ids` (shifted inside the
-            loss). Visual placeholders and padding are ignored (-100) whatever the caller put there.
-
-        With in-LLM token dropping, logits cover the kept positions (`kept_token_index` maps them back).
-        """
+        r"""Logits (and with `labels` the loss) of [`VideoChatFlashModel.forward`]'s states. `labels` `(batch, seq)` are
+        next-token targets aligned with `input_ids` (shifted inside the loss); visual placeholders and padding are
+        ignored (-100) whatever the caller put there. With in-LLM dropping, logits cover the kept positions
+        (`kept_token_index` maps them back)."""
         if labels is not None:
             labels = self._ignore_visual_and_padding(labels, input_ids, attention_mask)
         outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            pixel_values_videos=pixel_values_videos,
-            video_frame_counts=video_frame_counts,
-            pixel_values=pixel_values,
-            mm_encoder_outputs=mm_encoder_outputs,
-            labels=labels,
-            drop_query_position=drop_query_position,
-            **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            pixel_values_videos=pixel_values_videos, video_frame_counts=video_frame_counts, pixel_values=pixel_values,
+            mm_encoder_outputs=mm_encoder_outputs, labels=labels, drop_query_position=drop_query_position, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -552,14 +433,8 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
             if outputs.kept_token_index is not None:  # logits cover the kept positions only
                 labels = labels_at_kept_positions(labels, outputs.kept_token_index)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return _model_output(
-            VideoChatFlashCausalLMOutput,
-            getattr(outputs, CACHE_KWARG),
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            kept_token_index=outputs.kept_token_index,
-        )
+        return _model_output(VideoChatFlashCausalLMOutput, getattr(outputs, CACHE_KWARG), loss=loss, logits=logits,
+                             hidden_states=outputs.hidden_states, kept_token_index=outputs.kept_token_index)
 
     def _ignore_visual_and_padding(self, labels, input_ids, attention_mask):
         """`(batch, seq)` labels with visual placeholders and padding set to -100 (nothing to predict there)."""
@@ -577,10 +452,6 @@ class VideoChatFlashQwenForCausalLM(VideoChatFlashForCausalLM):
 
 
 __all__ = [
-    "VideoChatFlashConfig",
-    "VideoChatFlashQwenConfig",
-    "VideoChatFlashPreTrainedModel",
-    "VideoChatFlashModel",
-    "VideoChatFlashForCausalLM",
-    "VideoChatFlashQwenForCausalLM",
+    "VideoChatFlashConfig", "VideoChatFlashQwenConfig", "VideoChatFlashPreTrainedModel", "VideoChatFlashModel",
+    "VideoChatFlashForCausalLM", "VideoChatFlashQwenForCausalLM",
 ]

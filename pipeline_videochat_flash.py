@@ -1,6 +1,5 @@
-"""A ``video-text-to-text`` pipeline (transformers has none): answer questions about videos.
-
-Registered in a Hub folder's ``config.json`` under ``custom_pipelines["video-text-to-text"]``, so that::
+"""A ``video-text-to-text`` pipeline (transformers has none), registered in a Hub folder's ``config.json`` under
+``custom_pipelines``; only transformers is imported, the model and processor come from the same folder::
 
     pipe = pipeline("video-text-to-text", model="path/or/hub-id", trust_remote_code=True)
     pipe("clip.mp4", "What happens in the video?")             # [{"input_text": ..., "generated_text": "..."}]
@@ -8,10 +7,6 @@ Registered in a Hub folder's ``config.json`` under ``custom_pipelines["video-tex
     pipe([{"role": "user", "content": [{"type": "video", "path": "clip.mp4"},
                                        {"type": "text", "text": "What happens?"}]}])        # chat messages
     pipe(["a.mp4", "b.mp4"], ["Question about a?", "Question about b?"])                  # several inputs
-
-The processor renders the chat template and loads the videos; the model's ``generate`` answers. ``generated_text`` is
-the answer; ``return_full_text=True`` gives the conversation with the answer appended. Only transformers is imported:
-the model and processor come from the same Hub folder.
 """
 
 from __future__ import annotations
@@ -61,13 +56,12 @@ def _conversation(item: Any) -> _Conversation:
 
 
 class VideoTextToTextPipeline(Pipeline):
-    """Video question answering with VideoChat-Flash (or any model whose processor takes ``{"type": "video"}`` blocks
-    in ``apply_chat_template`` and whose ``generate`` returns prompt + new tokens).
+    """Video question answering: the processor's chat template (``{"type": "video"}`` blocks) and ``generate``.
 
     Inputs: ``videos`` (a path, decoded frames, a dict ``{"video", "text"}``, chat messages, or a list of those) and
     ``text`` (the question, or one per video). Options: ``max_new_tokens``, ``generate_kwargs``, any generation
-    parameter, ``max_num_frames`` / ``num_frames`` / ``fps`` / ``video_backend`` (frame sampling),
-    ``return_full_text``, ``skip_special_tokens``. Returns per input ``[{"input_text", "generated_text"}]``.
+    parameter, ``max_num_frames`` / ``num_frames`` / ``fps`` / ``video_backend``, ``return_full_text`` (the
+    conversation with the answer appended), ``skip_special_tokens``. Returns ``[{"input_text", "generated_text"}]``.
     """
 
     _load_processor = True
@@ -133,7 +127,7 @@ class VideoTextToTextPipeline(Pipeline):
         records = []
         for row in model_outputs["new_tokens"]:
             answer = self.processor.tokenizer.decode(row, skip_special_tokens=skip_special_tokens).strip()
-            generated = [*conversation.messages, {"role": "assistant", "content": answer}] if return_full_text else answer
+            full = [*conversation.messages, {"role": "assistant", "content": answer}]
             input_text = conversation.question if conversation.question is not None else conversation.messages
-            records.append({"input_text": input_text, "generated_text": generated})
+            records.append({"input_text": input_text, "generated_text": full if return_full_text else answer})
         return records

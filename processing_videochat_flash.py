@@ -23,7 +23,6 @@ Batches of prompts are padded on the LEFT (ready for ``generate``); pass ``paddi
 
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,12 +37,7 @@ from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import make_batched_videos
 
 from .frame_sampling import FrameSampling, time_message
-from .video_loading import iter_video_chunks, load_video, rgb_frame
-
-try:  # Pillow resizes frames (the original used PIL bicubic); guarded because remote code checks its imports
-    from PIL import Image
-except ImportError:  # pragma: no cover - only where Pillow is missing
-    Image = None
+from .video_loading import iter_video_chunks, load_video, parse_size, resize_frame, rgb_frame
 
 logger = logging.get_logger(__name__)
 
@@ -59,8 +53,9 @@ MEDIA_MARKER = "<image>"  # how the original's conversations (chat history, LLaV
 # ChatML as the original `qwen_2` conversation template renders it: a system turn (the default unless a leading
 # system message replaces it; left out when empty), then `<|im_start|>{role}\n{content}<|im_end|>\n` per turn and
 # `<|im_start|>assistant\n` with add_generation_prompt. Content blocks are concatenated; video and image blocks become
-# the placeholders the processor expands (an image followed by "\n", as the original's "<image>\n" prompts). `{% generation %}` marks what an assistant turn trains on (its text, its
-# <|im_end|> and the newline after it), so `return_assistant_tokens_mask=True` gives training labels.
+# the placeholders the processor expands (an image followed by "\n", as in the original's "<image>\n" prompts).
+# `{% generation %}` marks what an assistant turn trains on (its text, its <|im_end|> and the newline after it), so
+# `return_assistant_tokens_mask=True` gives training labels.
 CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{- content -}}{%- else -%}{%- for block in content -%}"
@@ -98,39 +93,26 @@ def media_blocks(text: str, kinds: Sequence[str]) -> list[dict]:
     return [block for block in blocks if block["type"] != "text" or block["text"]]
 
 
-def frames_to_pixels(frames, size: dict, resample: int = PIL_BICUBIC, do_resize: bool = True, do_rescale: bool = True,
+def frames_to_pixels(frames, size: dict, do_resize: bool = True, do_rescale: bool = True,
                      rescale_factor: float = 1 / 255, do_normalize: bool = True, image_mean=IMAGENET_MEAN,
                      image_std=IMAGENET_STD) -> np.ndarray:
-    """`(n, H, W, 3)` uint8 frames -> `(n, 3, S, S)` float32 pixels, one frame at a time (bounded temporaries).
-
-    The original's arithmetic: PIL resize of the uint8 frame, float64 product with `rescale_factor` rounded to float32
-    (transformers' ``rescale``), then ``(x - mean) / std`` in float32. The one pixel function of images and videos.
-    """
-    height, width = size["height"], size["width"]
-    mean, std = np.asarray(image_mean, np.float32), np.asarray(image_std, np.float32)
+    """`(n, H, W, 3)` uint8 frames -> `(n, 3, S, S)` float32 pixels, one frame at a time (bounded temporaries). The one
+    pixel function of images and videos, with the original's arithmetic: PIL bicubic on the uint8 frame, a float64
+    product with `rescale_factor` rounded to float32 (transformers' ``rescale``), then ``(x - mean) / std``."""
+    hw, mean, std = (size["height"], size["width"]), np.float32(image_mean), np.float32(image_std)
     output = None
     for index, frame in enumerate(frames):
-        if do_resize and frame.shape[:2] != (height, width):
-            if Image is None:
-                raise ImportError("resizing frames needs Pillow: pip install Pillow")
-            frame = np.asarray(Image.fromarray(frame).resize((width, height), resample))
+        frame = resize_frame(frame, hw) if do_resize and frame.shape[:2] != hw else frame
         if output is None:
             output = np.empty((len(frames), 3, *frame.shape[:2]), np.float32)
-        pixels = (frame.astype(np.float64) * rescale_factor).astype(np.float32) if do_rescale else frame.astype(np.float32)
+        pixels = (frame * np.float64(rescale_factor)).astype(np.float32) if do_rescale else frame.astype(np.float32)
         output[index] = ((pixels - mean) / std if do_normalize else pixels).transpose(2, 0, 1)
     return output
 
 
 def _size_dict(size) -> dict[str, int]:
-    if isinstance(size, int):
-        return {"height": size, "width": size}
-    if isinstance(size, (list, tuple)) and len(size) == 2:
-        return {"height": int(size[0]), "width": int(size[1])}
-    if isinstance(size, dict) and {"height", "width"} <= set(size):
-        return {"height": int(size["height"]), "width": int(size["width"])}
-    if isinstance(size, dict) and "shortest_edge" in size:  # frames are always squashed to a square
-        return {"height": int(size["shortest_edge"]), "width": int(size["shortest_edge"])}
-    raise ValueError(f"unsupported size {size!r}: use an int S (frames become S x S) or {{'height': S, 'width': S}}")
+    height, width = parse_size(size)
+    return {"height": height, "width": width}
 
 
 class VideoChatFlashImageProcessor(BaseImageProcessor):
@@ -138,22 +120,23 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
 
     Args:
         size (`int` or `dict`, defaults to 224): the tower's frame side (224 or 448 for the published checkpoints).
-        resample, do_resize, do_rescale, rescale_factor, do_normalize, image_mean, image_std: as in transformers'
-            image processors (defaults: PIL bicubic, 1/255, ImageNet mean/std).
+        do_resize, do_rescale, rescale_factor, do_normalize, image_mean, image_std: as in transformers' image
+            processors (defaults: 1/255, ImageNet mean/std); frames are resized with PIL bicubic (``resample=3``).
     """
 
     _auto_class = "AutoImageProcessor"  # save_pretrained writes auto_map and copies this file (remote code)
     model_input_names = ["pixel_values"]
-    PIXEL_OPTIONS = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-                     "image_std")
+    PIXEL_OPTIONS = ("size", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 
     def __init__(self, size=224, resample=PIL_BICUBIC, do_resize=True, do_rescale=True, rescale_factor=1 / 255,
                  do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **kwargs):
         for name in ("image_processor_type", "video_processor_type", "processor_class"):
             kwargs.pop(name, None)
         super().__init__(**kwargs)
+        if int(resample) != PIL_BICUBIC:
+            raise ValueError(f"resample={resample}: frames are resized with PIL bicubic (3), as the model was trained")
         self.size = _size_dict(size)
-        self.resample, self.do_resize, self.do_rescale = int(resample), do_resize, do_rescale
+        self.resample, self.do_resize, self.do_rescale = PIL_BICUBIC, do_resize, do_rescale
         self.rescale_factor, self.do_normalize = rescale_factor, do_normalize
         self.image_mean, self.image_std = [float(m) for m in image_mean], [float(s) for s in image_std]
 
@@ -188,7 +171,7 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
 class VideoChatFlashVideosKwargs(VideosKwargs, total=False):
     """Video keyword arguments beyond transformers' own (``num_frames``, ``fps``, ``size``, ...)."""
 
-    max_num_frames: int  # frame cap (files: about 1 frame/s, at least min_num_frames; decoded frames: see frame_sampling)
+    max_num_frames: int  # frame cap (files: ~1 frame/s, at least min_num_frames; decoded frames: see frame_sampling)
     min_num_frames: int
     frames_multiple: int
     video_backend: str | None  # "pyav", "decord" or None (PyAV, decord fallback)
@@ -205,7 +188,7 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
     `(videos, T, 3, S, S)` when every video has T frames, else `(sum T, 3, S, S)`.
 
     Args:
-        size, resample, do_*, rescale_factor, image_mean, image_std: see :class:`VideoChatFlashImageProcessor`.
+        size, do_*, rescale_factor, image_mean, image_std: see :class:`VideoChatFlashImageProcessor`.
         max_num_frames, num_frames, fps, min_num_frames, frames_multiple: the sampling (:class:`FrameSampling`).
         video_backend: decoder (None: PyAV, then decord).
     """
@@ -232,10 +215,10 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
         """
         options = self._options(self.VIDEO_OPTIONS, kwargs)
         size = options["size"]
-        # Frames resized while decoded (PIL bicubic, as frames_to_pixels would) keep memory low on long videos.
-        load_size = (size["height"], size["width"]) if options["do_resize"] and options["resample"] == PIL_BICUBIC else None
+        # Frames resized while they are decoded (as frames_to_pixels would) keep memory low on long videos.
+        load_size = (size["height"], size["width"]) if options["do_resize"] else None
         metadata, chunks = iter_video_chunks(
-            video, chunk_frames or 1 << 62, size=load_size, backend=options["video_backend"],
+            video, chunk_frames, size=load_size, backend=options["video_backend"],
             video_fps=_metadata_value(video_metadata, "fps") if not isinstance(video, str) else None,
             sampling=FrameSampling(**{name: options[name] for name in self.SAMPLING_OPTIONS}),
         )
@@ -261,8 +244,9 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
             pixels = np.stack(arrays) if len(arrays) > 1 else arrays[0][None]  # [None]: a view, no copy
         else:
             pixels = np.concatenate(arrays)
-        data = {"pixel_values_videos": pixels, "video_frame_counts": [len(a) for a in arrays], "video_metadata": metadata}
-        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["video_metadata"])
+        data = {"pixel_values_videos": pixels, "video_frame_counts": [len(a) for a in arrays]}
+        return BatchFeature({**data, "video_metadata": metadata}, tensor_type=return_tensors,
+                            skip_tensor_conversion=["video_metadata"])
 
     def fetch_videos(self, video_url_or_urls, sample_indices_fn=None):
         """Decode and sample with this processor's settings (never torchcodec): `(frames, metadata)` per path."""
@@ -346,8 +330,8 @@ class VideoChatFlashProcessor(ProcessorMixin):
         if image_processor is None:
             image_processor = VideoChatFlashImageProcessor(**{name: getattr(video_processor, name)
                                                               for name in VideoChatFlashImageProcessor.PIXEL_OPTIONS})
-        self.video_token, self.image_token = video_token, image_token
-        self.tokens_per_frame, self.num_image_tokens, self.padding_side = tokens_per_frame, num_image_tokens, padding_side
+        self.video_token, self.image_token, self.padding_side = video_token, image_token, padding_side
+        self.tokens_per_frame, self.num_image_tokens = tokens_per_frame, num_image_tokens
         super().__init__(image_processor, video_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
         # video first, then image: appended to Qwen2's 151646 tokens they get 151646 and 151647
         self.video_token_id = _ensure_special_token(tokenizer, video_token)

@@ -12,9 +12,9 @@ never interact (attention and token merging stay inside a 4-frame clip), so the 
 
 from __future__ import annotations
 
-import queue
-import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -27,49 +27,23 @@ DEFAULT_CLIPS_PER_CHUNK = 8
 
 
 def _prefetch(iterable: Iterable, depth: int) -> Iterator:
-    """The items of `iterable`, computed by a background thread at most `depth` ahead of the consumer (decoding the
-    next chunk while the model encodes this one). Errors re-raise in the consumer; leaving early stops the producer
-    after its current item and closes the source."""
+    """The items of `iterable`, computed by a worker thread up to `depth` ahead (the next chunk is decoded while the
+    model encodes this one). Errors re-raise here; leaving early stops the worker and closes the source."""
     if depth <= 0:
         yield from iterable
         return
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop, done = threading.Event(), object()
-
-    def offer(entry) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        source = iter(iterable)
-        try:
-            for item in source:
-                if not offer((True, item)):
-                    return
-            offer((True, done))
-        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread
-            offer((False, error))
-        finally:
-            getattr(source, "close", lambda: None)()
-
-    worker = threading.Thread(target=produce, name="videochat-flash-prefetch", daemon=True)
-    worker.start()
+    source, done = iter(iterable), object()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="videochat-flash-prefetch")
+    ahead = deque(pool.submit(next, source, done) for _ in range(depth))
     try:
-        while True:
-            ok, item = items.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
+        while (item := ahead.popleft().result()) is not done:
+            ahead.append(pool.submit(next, source, done))
             yield item
     finally:
-        stop.set()
-        worker.join()
+        for future in ahead:
+            future.cancel()
+        pool.shutdown(wait=True)  # the source is closed only once no thread runs it
+        getattr(source, "close", lambda: None)()
 
 
 def encode_video_streaming(model, video, *, video_processor: VideoChatFlashVideoProcessor | None = None,

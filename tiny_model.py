@@ -24,7 +24,8 @@ TINY_TEXT = {
 }
 TINY_VISION = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "patch_size": 16, "image_size": 128}
 # Byte-level tokenizer: 256 bytes + <|endoftext|>, <|im_start|>, <|im_end|>, then the two placeholders.
-TINY_SPECIAL_IDS = {"pad_token_id": 256, "bos_token_id": 256, "eos_token_id": 258, "video_token_id": 259, "image_token_id": 260}
+TINY_SPECIAL_IDS = {"pad_token_id": 256, "bos_token_id": 256, "eos_token_id": 258, "video_token_id": 259,
+                    "image_token_id": 260}
 
 
 def tiny_config(**overrides) -> VideoChatFlashConfig:

@@ -11,8 +11,7 @@ the layers of that stage never see the others. The tokens are chosen
   the later ones attention-based, ``uniform1_attention`` stages 1 and 2.
 
 The kept sequences are right-aligned (left padding, so generation can append to them) and renumbered without holes.
-Dropping happens in the prefill only; a cached decoding step reads what it needs from `VisualTokenDropState`,
-stored on the cache object.
+Dropping happens in the prefill only; cached decoding steps follow the `VisualTokenDropState` stored on the cache.
 """
 
 from dataclasses import dataclass, field
@@ -31,56 +30,33 @@ _UNIFORM_STAGES = {"uniform0_attention": 1, "uniform1_attention": 2}
 
 @dataclass
 class VisualTokenDropState:
-    """What cached decoding needs to know after visual tokens were dropped inside the LLM.
+    """What cached decoding needs after a drop: layers after it cache fewer keys than layer 0, so later tokens'
+    positions and masks cannot come from ``cache.get_seq_length()``. Stored on the cache (travels with its copies)."""
 
-    Layers after a drop cache fewer keys than layer 0, so positions and masks of later tokens cannot be derived
-    from ``cache.get_seq_length()``. Stored on the cache object, so it travels with the cache (and its copies).
-
-    Attributes:
-        dropped: stage -> `(batch,)` visual tokens removed before that stage's layers; new tokens' positions in
-            those layers are shifted down by this amount.
-        key_masks: stage -> `(batch, cached_len)` bool, which cached keys of that stage's layers are real tokens.
-    """
-
-    dropped: dict = field(default_factory=dict)
-    key_masks: dict = field(default_factory=dict)
+    dropped: dict = field(default_factory=dict)  # stage -> (batch,) visual tokens removed: new positions shift by it
+    key_masks: dict = field(default_factory=dict)  # stage -> (batch, cached_len) bool: real cached keys of its layers
 
 
 @dataclass
 class DropBookkeeping:
-    """Per-sample bookkeeping of one prefill's drop stages. Every `(batch, len)` tensor is aligned with the hidden
-    states of the current stage (`len` shrinks at each drop).
+    """Per-sample bookkeeping of one prefill's drops; every `(batch, len)` tensor is aligned with the current stage's
+    hidden states (`len` shrinks at each drop)."""
 
-    Attributes:
-        query: `(batch, len)` bool, the token whose attention ranks the visual tokens at inference.
-        valid: `(batch, len)` bool, real tokens (False for padding).
-        visual: `(batch, len)` bool, real visual tokens still alive.
-        num_visual: `(batch,)` visual tokens before the first drop (the ratios apply to this count).
-        kept_index: `(batch, len)` long, the input position each slot comes from (-1 for padding).
-        labels: `(batch, len)` training labels (their answer spans give the queries), None at inference.
-        keep: `(batch,)` visual tokens kept by the latest drop (None before the first).
-    """
-
-    query: torch.Tensor
-    valid: torch.Tensor
-    visual: torch.Tensor
-    num_visual: torch.Tensor
-    kept_index: torch.Tensor
-    labels: torch.Tensor | None = None
-    keep: torch.Tensor | None = None
+    query: torch.Tensor  # (batch, len) bool: the token whose attention ranks the visual tokens at inference
+    valid: torch.Tensor  # (batch, len) bool: real tokens (False for padding)
+    visual: torch.Tensor  # (batch, len) bool: real visual tokens still alive
+    num_visual: torch.Tensor  # (batch,) visual tokens before the first drop (the ratios apply to this count)
+    kept_index: torch.Tensor  # (batch, len) long: the input position each slot comes from (-1 for padding)
+    labels: torch.Tensor | None = None  # (batch, len) training labels (answer spans give the queries), else None
+    keep: torch.Tensor | None = None  # (batch,) visual tokens kept by the latest drop (None before the first)
 
 
 # ------------------------------------------------------------------------------------------------ forward set-up
 def prepare_dropping(config, visual, key_mask, cache, use_cache, labels, drop_query_position):
-    """Decide what this forward does about dropping.
-
-    Args:
-        visual: `(batch, seq)` bool placeholder mask of the new tokens, or None (no input_ids).
-        key_mask: `(batch, past + seq)` bool real tokens, or None when all are real.
-        labels: training labels (None at inference, where the query is the last prompt token).
-    Returns:
-        `(bookkeeping, state)`: bookkeeping when this is a prefill with visual tokens to drop (else None); the
-        cache's `VisualTokenDropState` (new for such a prefill with `use_cache`; None when dropping is off).
+    """`(bookkeeping, state)` of one forward, from the `(batch, seq)` placeholder mask `visual` (None without input_ids)
+    and the `(batch, past + seq)` `key_mask` (None: all real): bookkeeping for a prefill with visual tokens (else
+    None), and the cache's `VisualTokenDropState` (new for such a prefill with `use_cache`; None with dropping off).
+    Raises ValueError for bad dropping settings or visual tokens after a cached prefix.
     """
     if not config.mm_llm_compress:
         return None, None
@@ -115,14 +91,8 @@ def start_bookkeeping(visual, valid, labels=None, drop_query_position=None) -> D
     query = torch.zeros_like(valid)
     query[torch.arange(batch, device=device), query_index] = True
     visual = visual & valid
-    return DropBookkeeping(
-        query=query,
-        valid=valid,
-        visual=visual,
-        num_visual=visual.sum(-1),
-        kept_index=torch.arange(length, device=device).expand(batch, -1),
-        labels=labels,
-    )
+    return DropBookkeeping(query=query, valid=valid, visual=visual, num_visual=visual.sum(-1),
+                           kept_index=torch.arange(length, device=device).expand(batch, -1), labels=labels)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -150,15 +120,10 @@ def query_indices(query, labels=None):
 
 @torch.no_grad()  # a ranking only: topk is not differentiable, and the original scores detached states
 def visual_token_scores(next_layer, rotary_emb, hidden_states, positions, valid, queries):
-    """Attention that `queries` pay to every key of one sample, as `next_layer` would compute it.
-
-    Args:
-        next_layer: the `Qwen2DecoderLayer` the kept tokens enter next (its input norm and q/k projections).
-        rotary_emb: the model's `Qwen2RotaryEmbedding`.
-        hidden_states: `(len, hidden)`; positions: `(len,)`; valid: `(len,)` bool; queries: `(queries,)` indices.
-    Returns:
-        `(len,)` scores: softmax over the causally visible real keys, averaged over heads, then over queries.
-    """
+    """Attention that the `(queries,)` indices pay to each key of one sample, as the `Qwen2DecoderLayer` `next_layer`
+    computes it (its input norm and q/k projections, the model's `rotary_emb`): `(len,)` softmax over the causally
+    visible real keys, averaged over heads, then over queries. `hidden_states` `(len, hidden)`; `positions` and bool
+    `valid` `(len,)`."""
     attention = next_layer.self_attn
     normed = next_layer.input_layernorm(hidden_states)
     length, head_dim = hidden_states.shape[0], attention.head_dim
@@ -184,16 +149,10 @@ def uniform_choice(count: int, keep: int) -> torch.Tensor:
 
 
 def select_visual_tokens(drop, hidden_states, positions, ratio, scorer=None):
-    """Which visual tokens survive: `int(n * ratio)` per sample (n = `drop.num_visual`).
-
-    Args:
-        hidden_states: `(batch, len, hidden)`; positions: `(batch, len)`.
-        scorer: None for a uniform stage; else `scorer(hidden_states, positions, valid, queries)` of one sample
-            returning `(len,)` scores (`visual_token_scores` with its layer bound).
-    Returns:
-        `(batch, len)` bool mask of the kept visual tokens, and `(batch,)` kept counts. A training sample without
-        an answer keeps all its visual tokens, as in the original.
-    """
+    """`(batch, len)` bool mask of the visual tokens that survive, `int(n * ratio)` per sample (n = `drop.num_visual`),
+    and the `(batch,)` kept counts. `scorer` is None for a uniform stage, else `scorer(hidden_states, positions,
+    valid, queries)` giving one sample's `(len,)` scores. A training sample without an answer keeps them all, as in
+    the original."""
     keep = (drop.num_visual.double() * ratio).long()  # int(n * ratio), as the original
     selected = torch.zeros_like(drop.visual)
     for i in range(drop.visual.shape[0]):
@@ -215,51 +174,28 @@ def select_visual_tokens(drop, hidden_states, positions, ratio, scorer=None):
     return selected, keep
 
 
-def right_align(kept):
-    """Slots of the compacted sequences: kept tokens in order, right-aligned (left padding).
-
-    Args:
-        kept: `(batch, len)` bool.
-    Returns:
-        `gather_index` `(batch, new_len)` into `len` (new_len = the most kept tokens of a row) and `new_valid`
-        `(batch, new_len)` bool, False for the padding slots on the left.
-    """
-    kept_lengths = kept.sum(-1)
-    new_length = int(kept_lengths.max())
-    order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)[:, :new_length]  # kept first, in order
-    # Output slot j of row i holds its (j - (new_length - len_i))-th kept token.
-    source_slot = torch.arange(new_length, device=kept.device)[None, :] - (new_length - kept_lengths)[:, None]
-    return order.gather(1, source_slot.clamp(min=0)), source_slot >= 0
-
-
-def gather_slots(tensor, gather_index, new_valid, fill=None):
-    """`tensor` `(batch, len)` or `(batch, len, dim)` rearranged into the slots of `right_align`; padding slots get
-    `fill` (or zeros when None)."""
-    if tensor.dim() == 2:
-        picked, mask = tensor.gather(1, gather_index), new_valid
-    else:
-        picked = tensor.gather(1, gather_index[..., None].expand(-1, -1, tensor.shape[-1]))
-        mask = new_valid[..., None]
-    return picked.masked_fill(~mask, fill) if fill is not None else picked * mask
-
-
 def drop_visual_tokens(drop, hidden_states, positions, ratio, scorer=None):
-    """Keep `int(n * ratio)` visual tokens per sample (see `select_visual_tokens`); text and padding stay.
-
-    Positions of the kept tokens close the gaps, so each sample is numbered without holes, as in the original.
-
-    Args:
-        hidden_states: `(batch, len, hidden)`; positions: `(batch, len)`.
-    Returns:
-        hidden_states `(batch, new_len, hidden)`, positions `(batch, new_len)`, and the bookkeeping of the kept slots.
-    """
+    """Keep `int(n * ratio)` visual tokens per sample (see `select_visual_tokens`); text and padding stay. Returns
+    hidden_states `(batch, new_len, hidden)`, positions `(batch, new_len)` (closing the gaps, so each sample is
+    numbered without holes, as in the original) and the bookkeeping of the kept slots."""
     selected, keep = select_visual_tokens(drop, hidden_states, positions, ratio, scorer)
     kept = drop.valid & (~drop.visual | selected)
     new_positions = positions - torch.cumsum(drop.visual & ~selected, dim=-1)
-    gather_index, new_valid = right_align(kept)
+    # Kept tokens in order, right-aligned: slot j of row i holds its (j - (new_length - kept_i))-th kept token.
+    kept_lengths = kept.sum(-1)
+    new_length = int(kept_lengths.max())
+    order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)[:, :new_length]  # kept first, in order
+    source_slot = torch.arange(new_length, device=kept.device)[None, :] - (new_length - kept_lengths)[:, None]
+    gather_index, new_valid = order.gather(1, source_slot.clamp(min=0)), source_slot >= 0
 
     def take(tensor, fill):
-        return gather_slots(tensor, gather_index, new_valid, fill)
+        """`(batch, len)` or `(batch, len, dim)` -> the kept slots; padding slots get `fill` (zeros when None)."""
+        if tensor.dim() == 2:
+            picked, mask = tensor.gather(1, gather_index), new_valid
+        else:
+            picked = tensor.gather(1, gather_index[..., None].expand(-1, -1, tensor.shape[-1]))
+            mask = new_valid[..., None]
+        return picked.masked_fill(~mask, fill) if fill is not None else picked * mask
 
     kept_drop = DropBookkeeping(
         query=take(drop.query, False),
@@ -291,15 +227,9 @@ def record_stage(state: VisualTokenDropState, stage: int, drop: DropBookkeeping)
 
 
 def decoding_stage(state: VisualTokenDropState, stage: int, position_ids, new_valid):
-    """Cached decoding: positions and key mask of the new tokens in the layers of `stage`.
-
-    Args:
-        position_ids: `(batch, new)` positions as layer 0 numbers them; new_valid: `(batch, new)` bool, or None
-            when all new tokens are real.
-    Returns:
-        `(positions, key_mask)` with key_mask `(batch, cached + new)` (and appended to the state), or None when
-        the prefill dropped nothing before this stage (text only).
-    """
+    """Cached decoding: `(positions, key_mask)` of the new tokens in the layers of `stage`, from their `(batch, new)`
+    layer-0 `position_ids` and bool `new_valid` (None: all real); key_mask `(batch, cached + new)` is also appended
+    to the state. None when the prefill dropped nothing before this stage (text only)."""
     if stage not in state.key_masks:
         return None
     cached = state.key_masks[stage]
@@ -315,21 +245,7 @@ def labels_at_kept_positions(labels, kept_token_index):
 
 
 __all__ = [
-    "DROP_STATE_ATTRIBUTE",
-    "DropBookkeeping",
-    "VisualTokenDropState",
-    "decoding_stage",
-    "drop_stage",
-    "drop_visual_tokens",
-    "gather_slots",
-    "labels_at_kept_positions",
-    "prepare_dropping",
-    "query_indices",
-    "record_stage",
-    "right_align",
-    "select_visual_tokens",
-    "stage_drop_type",
-    "start_bookkeeping",
-    "uniform_choice",
-    "visual_token_scores",
+    "DROP_STATE_ATTRIBUTE", "DropBookkeeping", "VisualTokenDropState", "decoding_stage", "drop_stage",
+    "drop_visual_tokens", "labels_at_kept_positions", "prepare_dropping", "query_indices", "record_stage",
+    "select_visual_tokens", "stage_drop_type", "start_bookkeeping", "uniform_choice", "visual_token_scores",
 ]

@@ -30,7 +30,8 @@ from .hub_export import make_hub_loadable, resolve_model
 MODEL_PARTS = ("vision_tower", "projector", "llm")
 # LoRA on the Qwen2 attention and MLP projections only: a full-match regex anchored on `model.layers.N.`, so the
 # vision tower's qkv / proj / fc1 / fc2 (under `model.vision_tower.`) never match.
-LLM_LORA_TARGET_MODULES = r"model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+LLM_LORA_TARGET_MODULES = (r"model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+                           r"|mlp\.(gate_proj|up_proj|down_proj))")
 _RECIPE = {"weight_decay": 0.0, "warmup_steps": 0.03, "lr_scheduler_type": "cosine", "num_train_epochs": 1,
            "activation_checkpointing": True, "prompt_format": "qwen_2", "sample_type": "dynamic_fps1",
            "frames_lowbound": 64, "frames_upbound": 512, "model_max_length": 32768, "learning_rate": 1e-5,
@@ -40,7 +41,7 @@ STAGE_PRESETS = {
     "stage1": {**_RECIPE, "tune_parts": ["projector"], "prompt_format": "plain", "sample_type": "middle",  # connector
                "frames_upbound": 4, "frames_lowbound": 1, "model_max_length": 8192, "learning_rate": 1e-3,
                "per_device_train_batch_size": 16, "gradient_accumulation_steps": 4, "vision_tower_lr": None},
-    "stage2": {**_RECIPE, "tune_parts": list(MODEL_PARTS), "frames_upbound": 8, "frames_lowbound": 1},  # visual pretrain
+    "stage2": {**_RECIPE, "tune_parts": list(MODEL_PARTS), "frames_upbound": 8, "frames_lowbound": 1},  # pretraining
     "stage3": {**_RECIPE, "tune_parts": list(MODEL_PARTS)},  # short + long video SFT, 64..512 frames
     "stage4": {**_RECIPE, "tune_parts": ["vision_tower", "projector"]},  # high-resolution post-FT, LLM frozen
 }
@@ -115,7 +116,7 @@ def parse_config(config, **overrides) -> tuple[ModelArguments, DataArguments, Tr
              if not name.startswith("_")}
     unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(f"unknown config fields {unknown} (fields of ModelArguments, DataArguments, TrainingArguments)")
+        raise ValueError(f"unknown config fields {unknown} (of ModelArguments, DataArguments, TrainingArguments)")
     return parser.parse_dict({key: _coerce(key, hints[key], value) for key, value in values.items()})
 
 
@@ -176,7 +177,8 @@ def load_model_and_processor(args: ModelArguments):
         config = VideoChatFlashForCausalLM.config_class.from_pretrained(folder)
         if args.image_size:
             config.vision_config = dict(config.vision_config, image_size=args.image_size)
-            config.mm_vision_tower = {224: "umt-large", 448: "umt-hd-large"}.get(args.image_size, config.mm_vision_tower)
+            towers = {224: "umt-large", 448: "umt-hd-large"}
+            config.mm_vision_tower = towers.get(args.image_size, config.mm_vision_tower)
         kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
         model = VideoChatFlashForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
         processor = VideoChatFlashProcessor.from_pretrained(folder)
@@ -256,8 +258,8 @@ def run_training(config, **overrides) -> VideoChatFlashTrainer:
     if training_args.process_index == 0:
         print("[videochat-flash train] trainable parameters: " + ", ".join(
             f"{part} {c['trainable']:,}/{c['total']:,}" for part, c in count_parameters(model).items()), flush=True)
-    sampling = FrameSampling.training(frames_upbound=data_args.frames_upbound, frames_lowbound=data_args.frames_lowbound,
-                                      local_num_frames=data_args.local_num_frames, sample_type=data_args.sample_type)
+    sampling = FrameSampling.training(data_args.frames_upbound, data_args.frames_lowbound, data_args.local_num_frames,
+                                      data_args.sample_type)
     dataset = VideoChatFlashTrainingDataset(
         load_records(data_args.train_data, data_args.data_root, training_args.seed), processor, sampling,
         prompt_format=data_args.prompt_format, system_message=data_args.system_message, time_msg=data_args.time_msg,
@@ -277,7 +279,7 @@ def run_training(config, **overrides) -> VideoChatFlashTrainer:
 
 
 def _save_final(trainer: VideoChatFlashTrainer, model_args: ModelArguments, processor) -> None:
-    """The trained model in output_dir; with LoRA the adapter in output_dir/adapter and (merge_lora) the merged model."""
+    """The model in output_dir; with LoRA the adapter in output_dir/adapter and the merged model (merge_lora)."""
     output_dir = trainer.args.output_dir
     trainer.model.config.use_cache = True
     if not model_args.use_lora:

@@ -1,31 +1,19 @@
 """Video decoding for VideoChat-Flash: the frames :mod:`frame_sampling` picks, resized as soon as they are decoded.
-
-Stdlib, numpy and Pillow (PyAV, decord optional): it ships flat beside the Hub remote code. :func:`iter_video_chunks`
-is the decoder, ``(metadata, iterator of (n, H, W, 3) uint8 chunks)`` with each chunk decoded when asked for;
-:func:`load_video` is its one chunk of every sampled frame.
-
-* PyAV (default): the packets are indexed first, without decoding (frame count, timestamps, keyframes). A wanted
-  frame is decoded from the last keyframe before it; overlapping spans merge, unwanted H.264 non-reference frames
-  are skipped, gaps are crossed by seeking when ``N * GOP / 2 < total_frames`` (N wanted frames), else read through.
-  Frames are matched by timestamp; without unique timestamps (or when they do not match) by counting.
-* decord 0.6.0 (the original's reader) silently returns wrong frames for repeated timestamps, open GOPs, HEVC,
-  MPEG-4 part 2 with B frames and H.264 in AVI / MPEG-TS, and can crash on damaged files: with PyAV installed it
-  reads only files the probe passes (:meth:`_Probe.decord_problem`). ``backend=None`` continues with decord where
-  PyAV fails (``UserWarning``); a forced backend never falls back. Both give the same frames for 8-bit video.
-* Frame rate: the stream's average rate, else PyAV's guessed rate, frames / duration, 1.0. Rotation is not applied.
-* Bad input raises at once: ``FileNotFoundError``, or ``ValueError`` naming the file and why (a directory, empty,
-  unreadable, no video stream). A truncated file gives its readable frames with a ``UserWarning``.
+Stdlib, numpy and Pillow, shipped flat beside the Hub remote code; PyAV (the default) and decord 0.6.0 (the original's
+reader, used only on files the PyAV probe passes) are optional. ``backend=None`` continues with decord where PyAV
+fails (``UserWarning``); a forced backend never falls back. Both give the same frames for 8-bit video. Frame rate:
+the stream's average rate, else PyAV's guessed rate, frames / duration, 1.0. Rotation is not applied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from typing import Any, Iterator
 
 import numpy as np
@@ -44,11 +32,9 @@ except ImportError:  # pragma: no cover - exercised only without decord
     decord = None
 
 __all__ = ["IMAGE_EXTENSIONS", "VideoLoadMetadata", "VideoReadError", "available_backends", "iter_video_chunks",
-           "load_video", "resize_frame", "rgb_frame"]
+           "load_video", "parse_size", "resize_frame", "rgb_frame"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-BACKENDS = ("pyav", "decord")
-DEFAULT_CHUNK_FRAMES = 32
 _TIMEOUTS_S = (20.0, 20.0)  # PyAV interrupts opening, and each blocking read, after this: broken input must not hang
 _DECORD_CHUNK = 16  # frames per decord get_batch call ...
 _DECORD_CHUNK_BYTES = 16 << 20  # ... and at most this many bytes of full-resolution frames (decord pools batch buffers)
@@ -61,8 +47,7 @@ _NONE_TS = np.iinfo(np.int64).min
 
 @dataclass
 class VideoLoadMetadata:
-    """What was sampled; ``meta.field``, ``meta["field"]``, ``meta.get()``, :meth:`to_dict`. The prompt's time message
-    is ``frame_sampling.time_message(meta.duration, meta.num_frames)``."""
+    """What was sampled; ``meta.field``, ``meta["field"]``, ``meta.get()``, ``"field" in meta``, :meth:`to_dict`."""
 
     frame_indices: list[int]
     fps: float | None  # frame rate of the source; None for decoded frames given without video_fps
@@ -89,10 +74,9 @@ class VideoLoadMetadata:
         raise KeyError(key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        try:
+        with contextlib.suppress(KeyError):
             return self[key]
-        except KeyError:
-            return default
+        return default
 
     def __contains__(self, key: str) -> bool:
         return key in self.__dataclass_fields__
@@ -111,8 +95,9 @@ def available_backends() -> list[str]:
     return [b for b, mod in (("pyav", av), ("decord", decord)) if mod is not None]
 
 
-# ---------------------------------------------- frames, resizing, chunks ----------------------------------------------
-def _parse_size(size) -> tuple[int, int] | None:
+def parse_size(size) -> tuple[int, int] | None:
+    """``(height, width)`` of an int S (S x S), a (height, width) pair or a ``{"height", "width"}`` dict; None for
+    None. Anything else, and sizes <= 0, raise ``ValueError``."""
     if size is None:
         return None
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
@@ -122,22 +107,18 @@ def _parse_size(size) -> tuple[int, int] | None:
     elif isinstance(size, dict) and "height" in size and "width" in size:
         h, w = as_int("size", size["height"]), as_int("size", size["width"])
     else:
-        raise ValueError(f"size must be an int, (height, width) or None, got {size!r}")
+        raise ValueError(f"size must be an int, (height, width), a {{'height', 'width'}} dict or None, got {size!r}")
     if h <= 0 or w <= 0:
         raise ValueError(f"size must be positive, got {size!r}")
     return h, w
 
 
 def resize_frame(frame: np.ndarray, size) -> np.ndarray:
-    """Resize one ``(H, W, 3)`` uint8 frame to ``size`` (int S -> S x S, or (height, width)) exactly as the
-    original image processor does: PIL bicubic on the uint8 image, aspect ratio not kept, no crop."""
-    return _resize(np.asarray(frame), _parse_size(size))
-
-
-def _resize(frame: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
-    if hw is None:
-        return frame
-    return np.asarray(Image.fromarray(frame).resize((hw[1], hw[0]), Image.BICUBIC))
+    """One ``(H, W, 3)`` uint8 frame resized to :func:`parse_size` ``(size)`` exactly as the original image processor
+    does: PIL bicubic on the uint8 image, aspect ratio not kept, no crop. ``size=None`` returns it as it is."""
+    hw = parse_size(size)
+    frame = np.asarray(frame)
+    return frame if hw is None else np.asarray(Image.fromarray(frame).resize((hw[1], hw[0]), Image.BICUBIC))
 
 
 def _is_torch_tensor(x) -> bool:
@@ -153,7 +134,7 @@ def _uint8_array(x, what: str) -> np.ndarray:
 
 def rgb_frame(frame, what: str = "frame") -> np.ndarray:
     """One image as a contiguous ``(H, W, 3)`` uint8 RGB array: a PIL image (any mode), or an ``(H, W, 3)`` /
-    ``(3, H, W)`` uint8 numpy array or torch tensor."""
+    ``(3, H, W)`` uint8 numpy array or torch tensor. Anything else raises ``ValueError`` naming ``what``."""
     if isinstance(frame, Image.Image):
         return np.asarray(frame.convert("RGB"))
     arr = _uint8_array(frame, what)
@@ -165,19 +146,14 @@ def rgb_frame(frame, what: str = "frame") -> np.ndarray:
 
 
 class _ChunkAssembler:
-    """The sampled indices cut into chunks of ``chunk_frames`` (None: one chunk), filled as frames arrive.
-
-    Each frame is resized once, when it is decoded, and written straight into every slot that uses it in the
-    preallocated buffers of the chunks not handed out yet; nothing else holds frames, and one chunk's buffer is the
-    whole output. :meth:`put` may be called from several decoder threads.
-    """
+    """The sampled indices in chunks of ``chunk_frames`` (None: one). :meth:`put` (thread-safe) resizes a frame once and
+    writes it into its slots in the buffers of the chunks not handed out yet, which are the output: no copies."""
 
     def __init__(self, indices: list[int], chunk_frames: int | None, hw, src_hw, label: str):
         step = chunk_frames or len(indices)
         self.indices, self.hw, self.label = indices, hw, label
         self.chunks = [indices[i : i + step] for i in range(0, len(indices), step)]
         self.unique = [sorted(set(chunk)) for chunk in self.chunks]
-        self.last_target = [chunk[-1] for chunk in self.unique]
         self.slots: dict[int, list[tuple[int, int]]] = {}  # index -> its (chunk, position)s, in chunk order
         for k, chunk in enumerate(self.chunks):
             for j, idx in enumerate(chunk):
@@ -187,9 +163,6 @@ class _ChunkAssembler:
         self.held: set[int] = set()
         self.next = 0  # the next chunk to hand out
         self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self.chunks)
 
     def targets(self) -> list[int]:
         """Indices still needed by the chunks not handed out yet, increasing."""
@@ -201,9 +174,7 @@ class _ChunkAssembler:
     def put(self, idx: int, rgb: np.ndarray) -> None:
         if idx in self.held or self.slots.get(idx, [(-1, 0)])[-1][0] < self.next:
             return  # not sampled, written already, or only in chunks handed out
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"{self.label}: frame {idx} is not an (H, W, 3) uint8 image (shape {rgb.shape})")
-        img = _resize(rgb, self.hw)  # outside the lock: resizing is the costly part
+        img = resize_frame(rgb, self.hw)  # outside the lock: resizing is the costly part
         with self._lock:
             if idx in self.held:
                 return
@@ -226,15 +197,13 @@ class _ChunkAssembler:
 
 
 def _drain(source, asm: _ChunkAssembler) -> Iterator[np.ndarray]:
-    """Hand out the chunks of ``asm`` from ``source``, an iterator of ``(index, rgb)`` in increasing index order.
-
-    A chunk is settled once a frame at or past its last index came out: complete, it is handed out; incomplete,
-    draining stops there (``asm.next`` is that chunk) for the caller to decide. Also stops when ``source`` ends."""
-    n = len(asm)
+    """The chunks of ``asm`` from ``source``, ``(index, rgb)`` in increasing index order, each once a frame at or past
+    its last index came out; stops at an incomplete one (``asm.next``) for the caller to decide, or when source ends."""
+    n = len(asm.chunks)
     try:
         for idx, rgb in source:
             asm.put(idx, rgb)
-            while asm.next < n and idx >= asm.last_target[asm.next]:
+            while asm.next < n and idx >= asm.unique[asm.next][-1]:
                 if asm.missing(asm.next):
                     return
                 yield asm.take(asm.next)
@@ -244,7 +213,6 @@ def _drain(source, asm: _ChunkAssembler) -> Iterator[np.ndarray]:
         yield asm.take(asm.next)
 
 
-# ---------------------------------------------- PyAV: probe, plan, decode ---------------------------------------------
 class VideoReadError(ValueError):
     """A file no backend can decode (not a media file, no video stream, no frames): raised at once."""
 
@@ -265,7 +233,7 @@ class _Probe:
     fallback_fps: float  # what to use when fps is None
     declared_frames: int  # stream header count (0 = unknown)
     pts: np.ndarray  # per kept packet, decode order
-    key: np.ndarray  # bool, per kept packet
+    key_pos: np.ndarray  # positions of the keyframe packets
     frame_pos: np.ndarray  # frame index (display order) -> packet position
     use_pts: bool  # unique, known timestamps: frames are matched by timestamp
     truncated: bool
@@ -276,19 +244,16 @@ class _Probe:
     def total_frames(self) -> int:
         return int(self.frame_pos.shape[0])
 
-    @cached_property
-    def key_pos(self) -> np.ndarray:
-        return np.flatnonzero(self.key)
-
     @property
     def gop(self) -> float:
         return self.total_frames / max(int(self.key_pos.shape[0]), 1)
 
     def decord_problem(self) -> str | None:
-        """Why decord 0.6.0 must not read this file (None: it may); each case checked frame by frame against PyAV."""
+        """Why decord 0.6.0 must not read this file (None: it may): it silently returns wrong frames for repeated
+        timestamps, open GOPs, HEVC, MPEG-4 part 2 with B frames, H.264 in AVI / MPEG-TS, and crashes on damage."""
         if not self.use_pts:
             return "its timestamps are missing or not unique (decord returns wrong frames then)"
-        if self.truncated or self.n_corrupt:
+        if self.truncated:  # corrupt packets count as truncation
             return "it is truncated or has corrupt packets"
         if self.container_format not in _DECORD_FORMATS:
             return f"decord 0.6.0 returns wrong frames after seeking in {self.container_format!r} files"
@@ -300,7 +265,8 @@ class _Probe:
 
 
 def _pyav_probe(path: str) -> _Probe:
-    """Index the packets of the file's video stream (no decoding). Unreadable files raise :class:`VideoReadError`."""
+    """Index the packets of the file's video stream, without decoding: display order, truncation, open GOPs, frame
+    rate. Unreadable files raise :class:`VideoReadError`."""
     try:
         container = av.open(path, timeout=_TIMEOUTS_S, metadata_errors="ignore")
     except av.error.ExitError as e:  # interrupted by the timeout
@@ -311,10 +277,7 @@ def _pyav_probe(path: str) -> _Probe:
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise VideoReadError(f"cannot read video {path!r}: it has no video stream (streams: {', '.join(kinds)})")
-        try:
-            vs = container.streams.best("video") or container.streams.video[0]
-        except Exception:
-            vs = container.streams.video[0]
+        vs = container.streams.best("video") or container.streams.video[0]
         pts, key, is_frame, n_corrupt = [], [], [], 0
         try:
             for pkt in container.demux(vs):
@@ -329,48 +292,36 @@ def _pyav_probe(path: str) -> _Probe:
         except av.error.FFmpegError as e:
             n_corrupt += 1  # read error part way: keep what was read
             warnings.warn(f"{path}: read error after {len(pts)} packets ({e})", stacklevel=4)
-        return _index_probe(path, container, vs, np.asarray(pts, np.int64), np.asarray(key, bool),
-                            np.asarray(is_frame, bool), n_corrupt)
-
-
-def _index_probe(path, container, vs, pts, key, is_frame, n_corrupt) -> _Probe:
-    """The probe of a demuxed packet list: display order, truncation, open GOPs, frame rate."""
-    cc = vs.codec_context
-    width, height, n_frames = int(cc.width or 0), int(cc.height or 0), int(is_frame.sum())
-    if n_frames == 0:
-        raise VideoReadError(f"cannot read video {path!r}: its video stream has no readable frames")
-    if width <= 0 or height <= 0:
-        raise VideoReadError(f"cannot read video {path!r}: the video stream has no frame size (codec {cc.name})")
-    frame_ts = pts[is_frame]
-    use_pts = bool((frame_ts != _NONE_TS).all()) and np.unique(pts).shape[0] == pts.shape[0]
-    positions = np.flatnonzero(is_frame)
-    if use_pts:
-        positions = positions[np.argsort(frame_ts, kind="stable")]
-    declared = int(vs.frames or 0)
-    truncated = (declared > 0 and n_frames < declared) or n_corrupt > 0
-    if truncated and use_pts and positions.shape[0] > 2:
-        positions = _contiguous_prefix(pts, positions)
-    open_gop = False
-    if use_pts and key.any():
-        last_key = np.maximum.accumulate(np.where(key, np.arange(key.shape[0]), -1))
-        open_gop = bool((pts[last_key >= 0] < pts[last_key[last_key >= 0]]).any())
-    fallback = positive_rate(vs.guessed_rate)
-    if fallback is None and vs.duration and vs.time_base:
-        fallback = positive_rate(n_frames / float(vs.duration * vs.time_base))
-    return _Probe(path, vs.index, cc.name, str(container.format.name), width, height, positive_rate(vs.average_rate),
-                  fallback or 1.0, declared, pts, key, positions, use_pts, truncated, n_corrupt, open_gop)
-
-
-def _contiguous_prefix(pts: np.ndarray, positions: np.ndarray, window: int = 16) -> np.ndarray:
-    """A cut file can hold a frame whose display-order neighbours were lost with the cut (e.g. a P frame
-    without the B frames before it). Keep frames up to the first timestamp gap among the last ``window``."""
-    steps = np.diff(pts[positions])
-    step = float(np.median(steps))
-    start = max(0, steps.shape[0] - window)
-    gaps = np.flatnonzero(steps[start:] > 1.5 * step)
-    if step <= 0 or gaps.shape[0] == 0:
-        return positions
-    return positions[: start + int(gaps[0]) + 1]
+        pts, key, is_frame = np.asarray(pts, np.int64), np.asarray(key, bool), np.asarray(is_frame, bool)
+        cc = vs.codec_context
+        width, height, n_frames = int(cc.width or 0), int(cc.height or 0), int(is_frame.sum())
+        if n_frames == 0:
+            raise VideoReadError(f"cannot read video {path!r}: its video stream has no readable frames")
+        if width <= 0 or height <= 0:
+            raise VideoReadError(f"cannot read video {path!r}: the video stream has no frame size (codec {cc.name})")
+        frame_ts = pts[is_frame]
+        use_pts = bool((frame_ts != _NONE_TS).all()) and np.unique(pts).shape[0] == pts.shape[0]
+        positions = np.flatnonzero(is_frame)
+        if use_pts:
+            positions = positions[np.argsort(frame_ts, kind="stable")]
+        declared = int(vs.frames or 0)
+        truncated = (declared > 0 and n_frames < declared) or n_corrupt > 0
+        if truncated and use_pts and positions.shape[0] > 2:
+            # a cut file can hold a frame whose display-order neighbours were lost with the cut (e.g. a P frame
+            # without the B frames before it): keep frames up to the first timestamp gap among the last 16
+            steps = np.diff(pts[positions])
+            step, start = float(np.median(steps)), max(0, steps.shape[0] - 16)
+            gaps = np.flatnonzero(steps[start:] > 1.5 * step)
+            if step > 0 and gaps.shape[0]:
+                positions = positions[: start + int(gaps[0]) + 1]
+        last_key = np.maximum.accumulate(np.where(key, np.arange(key.shape[0]), -1))  # -1: before any keyframe
+        open_gop = use_pts and bool((pts[last_key >= 0] < pts[last_key[last_key >= 0]]).any())
+        fallback = positive_rate(vs.guessed_rate)
+        if fallback is None and vs.duration and vs.time_base:
+            fallback = positive_rate(n_frames / float(vs.duration * vs.time_base))
+        return _Probe(path, vs.index, cc.name, str(container.format.name), width, height,
+                      positive_rate(vs.average_rate), fallback or 1.0, declared, pts, np.flatnonzero(key), positions,
+                      use_pts, truncated, n_corrupt, open_gop)
 
 
 def _h264_nonref_test(cc):
@@ -390,12 +341,9 @@ def _h264_nonref_test(cc):
             if size <= 0 or i + size > n or b[i] & 0x80:
                 return False
             nal_type = b[i] & 0x1F
-            if nal_type in (1, 5):
-                vcl = True
-                if b[i] & 0x60:
-                    return False
-            elif nal_type not in (6, 9, 12):  # anything but SEI / delimiter / filler (e.g. a new PPS): keep
-                return False
+            if nal_type not in (1, 5, 6, 9, 12) or (nal_type in (1, 5) and b[i] & 0x60):
+                return False  # a reference slice, or not a slice / SEI / delimiter / filler (e.g. a new PPS): keep
+            vcl = vcl or nal_type in (1, 5)
             i += size
         return vcl and i == n
 
@@ -407,39 +355,22 @@ def _use_seek(n_targets: int, gop: float, total_frames: int) -> bool:
     return n_targets * gop / 2 < total_frames
 
 
-def _plan_ranges(probe: _Probe, targets: list[int]) -> list[tuple[int, int]]:
-    """Packet spans [start, end] (decode order) that must be decoded to output the target frames."""
-    key_pos = probe.key_pos
+def _plan_ranges(probe: _Probe, targets: list[int]) -> list[list[int]]:
+    """Packet spans [start, end] (decode order, merged) that must be decoded to output the target frames."""
     spans = []
     for t in targets:
         pos = int(probe.frame_pos[t])
-        j = int(np.searchsorted(key_pos, pos, side="right")) - 1
-        while j >= 0 and probe.pts[key_pos[j]] > probe.pts[pos]:  # open GOP: shown before its keyframe
+        j = int(np.searchsorted(probe.key_pos, pos, side="right")) - 1
+        while j >= 0 and probe.pts[probe.key_pos[j]] > probe.pts[pos]:  # open GOP: shown before its keyframe
             j -= 1
-        spans.append((int(key_pos[j]) if j >= 0 else 0, pos))
+        spans.append((int(probe.key_pos[j]) if j >= 0 else 0, pos))
     merged: list[list[int]] = []
     for s, e in sorted(spans):
         if merged and s <= merged[-1][1] + 1:
             merged[-1][1] = max(merged[-1][1], e)
         else:
             merged.append([s, e])
-    return [(s, e) for s, e in merged]
-
-
-def _split(ranges: list[tuple[int, int]], workers: int) -> list[list[tuple[int, int]]]:
-    """``ranges`` cut into at most ``workers`` consecutive groups of about equal packet counts."""
-    total, acc = sum(e - s + 1 for s, e in ranges), 0
-    groups: list[list[tuple[int, int]]] = [[]]
-    for s, e in ranges:
-        if groups[-1] and acc >= total * len(groups) / workers and len(groups) < workers:
-            groups.append([])
-        groups[-1].append((s, e))
-        acc += e - s + 1
-    return groups
-
-
-def _open_av(path: str):
-    return av.open(path, timeout=_TIMEOUTS_S, metadata_errors="ignore")
+    return merged
 
 
 def _frame_rgb(frame) -> np.ndarray:
@@ -447,21 +378,15 @@ def _frame_rgb(frame) -> np.ndarray:
 
 
 class _Decoder:
-    """An open container and codec context of the probed stream, with ``threads`` codec threads."""
+    """An open container (``with dec.container``) and codec context of the probed stream, with ``threads`` threads."""
 
     def __init__(self, probe: _Probe, threads: int):
-        self.container = _open_av(probe.path)
+        self.container = av.open(probe.path, timeout=_TIMEOUTS_S, metadata_errors="ignore")
         self.stream = self.container.streams[probe.stream_index]
         self.cc = self.stream.codec_context
         if threads > 1:
             self.cc.thread_type = "AUTO"
         self.cc.thread_count = threads
-
-    def __enter__(self) -> _Decoder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.container.close()
 
     def packets(self, pos_of_pts: dict[int, int] | None = None) -> Iterator:
         """Packets from the demuxer's position; with ``pos_of_pts``, ``(position, packet)`` of the indexed ones."""
@@ -500,12 +425,10 @@ class _Decoder:
             j = int(np.searchsorted(probe.key_pos, first[0], side="left")) - 1 - attempt
             if j < 0:
                 break
-            ts = int(probe.pts[probe.key_pos[max(j, 0)]])
+            ts = int(probe.pts[probe.key_pos[j]])
         if start > 0:
-            try:
+            with contextlib.suppress(av.error.FFmpegError):
                 self.container.seek(0, backward=True, any_frame=False)
-            except av.error.FFmpegError:
-                pass
         return self.packets(pos_of_pts)
 
 
@@ -513,7 +436,8 @@ def _pyav_worker_frames(probe: _Probe, ranges, target_of_pos: dict[int, int], po
                         seek_mode: bool, threads: int) -> Iterator[tuple[int, np.ndarray]]:
     """Decode the packet spans ``ranges`` in order; yield ``(frame index, rgb)`` for every wanted frame as soon as it
     is decoded (in display order: frames leave the decoder sorted by timestamp, and spans are decoded in order)."""
-    with _Decoder(probe, threads) as dec:
+    dec = _Decoder(probe, threads)
+    with dec.container:
         nonref = _h264_nonref_test(dec.cc)
 
         def wanted(frames):
@@ -522,37 +446,32 @@ def _pyav_worker_frames(probe: _Probe, ranges, target_of_pos: dict[int, int], po
                 if pos in target_of_pos:
                     yield target_of_pos[pos], _frame_rgb(f)
 
-        it, pending, cur = None, None, 0  # packet iterator, a packet read but not used yet, next position
+        it, item, cur = None, None, 0  # packet iterator, (position, packet) read but not used yet, next position
         for start, end in ranges:
             if it is None or (seek_mode and start - cur > _SEEK_MIN_GAP):
-                it, pending = dec.seek(probe, pos_of_pts, start), None
+                it, item = dec.seek(probe, pos_of_pts, start), None
             fed = False
             while True:
-                item = pending if pending is not None else next(it, None)
-                pending = None
-                if item is None:
+                item = next(it, None) if item is None else item
+                if item is None or item[0] > end:
                     break
                 pos, pkt = item
-                cur = pos + 1
-                if pos < start:
-                    continue
-                if pos > end:
-                    pending, cur = item, pos
-                    break
-                if pos not in target_of_pos and nonref is not None and nonref(pkt):
-                    continue
-                yield from wanted(dec.decode(pkt))
-                fed = True
+                item, cur = None, pos + 1
+                if pos >= start and (pos in target_of_pos or nonref is None or not nonref(pkt)):
+                    yield from wanted(dec.decode(pkt))
+                    fed = True
+            if item is not None:
+                cur = item[0]
             if fed:  # the span's last frames, then a clean decoder for the next span
                 yield from wanted(dec.decode(None))
                 dec.cc.flush_buffers()
 
 
 def _pyav_counting_frames(probe: _Probe, targets: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Decode straight through from the start, numbering frames in output order; yield ``(n, rgb)`` for the
-    wanted ``n`` (increasing)."""
+    """Decode from the start, numbering frames in output order; yield ``(n, rgb)`` for the wanted ``n``, increasing."""
     want, last, n = set(targets), max(targets), 0
-    with _Decoder(probe, threads) as dec:
+    dec = _Decoder(probe, threads)
+    with dec.container:
         for pkt in itertools.chain(dec.packets(), [None]):
             for f in dec.decode(pkt):
                 if n in want:
@@ -562,77 +481,70 @@ def _pyav_counting_frames(probe: _Probe, targets: list[int], threads: int) -> It
                 return
 
 
-def _decode_groups(groups, threads: int, decode, asm: _ChunkAssembler) -> None:
-    """Run ``decode(group, threads)`` for each group in its own thread, putting the frames into ``asm``; the first
-    error is raised here once every thread has stopped."""
-
-    def run(group):
-        for idx, rgb in decode(group, threads):
-            asm.put(idx, rgb)
-
-    with ThreadPoolExecutor(len(groups)) as pool:
-        for future in [pool.submit(run, group) for group in groups]:
-            future.result()
-
-
 def _span_chunks(probe: _Probe, asm: _ChunkAssembler, num_threads: int, seek_mode: bool, info: dict):
-    """Chunks from timestamp-matched spans; stops at the first chunk with frames missing. One thread: one decoder
-    through every span, paused between chunks. More: the spans of each chunk shared among up to ``num_threads``
-    decoders (independent decoders, converting and resizing in parallel too, beat one frame-threaded decoder that
-    must flush after every span)."""
+    """Chunks from timestamp-matched spans, up to the first with frames missing. One thread: one decoder through every
+    span, paused between chunks. More: each chunk's spans shared among up to ``num_threads`` decoders (converting and
+    resizing in parallel too, they beat one frame-threaded decoder that must flush after every span)."""
     pos_of_pts = {int(p): i for i, p in enumerate(probe.pts.tolist())}
     info.update(workers=0, spans=0, packets_in_spans=0)
 
-    def plan(targets):
+    def workers(targets: list[int], most: int) -> list[Iterator[tuple[int, np.ndarray]]]:
+        """Frame iterators of at most ``most`` decoders sharing the targets' spans, about equal packets each."""
         ranges = _plan_ranges(probe, targets)
+        total, acc, most = sum(e - s + 1 for s, e in ranges), 0, min(most, len(ranges))
         info["spans"] += len(ranges)
-        info["packets_in_spans"] += int(sum(e - s + 1 for s, e in ranges))
+        info["packets_in_spans"] += int(total)
         target_of_pos = {int(probe.frame_pos[t]): t for t in targets}
-        return ranges, lambda group, threads: _pyav_worker_frames(probe, group, target_of_pos, pos_of_pts,
-                                                                  seek_mode, threads)
+        groups: list[list[list[int]]] = [[]]
+        for s, e in ranges:
+            if groups[-1] and acc >= total * len(groups) / most and len(groups) < most:
+                groups.append([])
+            groups[-1].append([s, e])
+            acc += e - s + 1
+        info["workers"] = max(info["workers"], len(groups))
+        threads = max(1, num_threads // len(groups))
+        return [_pyav_worker_frames(probe, g, target_of_pos, pos_of_pts, seek_mode, threads) for g in groups]
+
+    def run(frames):
+        for idx, rgb in frames:
+            asm.put(idx, rgb)
 
     if num_threads == 1:
-        ranges, decode = plan(asm.targets())
-        info["workers"] = 1
-        yield from _drain(decode(ranges, 1), asm)
+        yield from _drain(workers(asm.targets(), 1)[0], asm)
         return
-    for k in range(asm.next, len(asm)):
+    for k in range(asm.next, len(asm.chunks)):
         if asm.missing(k):
-            ranges, decode = plan(asm.missing(k))
-            groups = _split(ranges, min(num_threads, len(ranges)))
-            info["workers"] = max(info["workers"], len(groups))
-            _decode_groups(groups, max(1, num_threads // len(groups)), decode, asm)
+            with ThreadPoolExecutor(num_threads) as pool:
+                for future in [pool.submit(run, frames) for frames in workers(asm.missing(k), num_threads)]:
+                    future.result()
         if asm.missing(k):
             return
         yield asm.take(k)
 
 
-def _pyav_chunks(probe: _Probe, asm: _ChunkAssembler, num_threads: int, info: dict) -> Iterator[np.ndarray]:
-    """Chunks decoded by PyAV. Where timestamps do not line up with the decoder's output, the chunks from the first
-    one with frames missing are decoded again straight through and matched by counting."""
-    if probe.use_pts:
-        seek_mode = _use_seek(len(asm.targets()), probe.gop, probe.total_frames)
-        info["mode"] = "seek" if seek_mode else "sequential"
-        yield from _span_chunks(probe, asm, num_threads, seek_mode, info)
-        if asm.next == len(asm):
+def _pyav_chunks(probe: _Probe, asm: _ChunkAssembler, num_threads: int, meta: VideoLoadMetadata, fallback: bool,
+                 sampling: FrameSampling) -> Iterator[np.ndarray]:
+    """Chunks decoded by PyAV; from the first chunk whose frames do not match by timestamp, decoded again straight
+    through and matched by counting. Failures raise ``ValueError``; with ``fallback``, decord reads the chunks left
+    instead if it may read the file and samples the same indices."""
+    info = meta.extra
+    try:
+        if probe.use_pts:
+            seek_mode = _use_seek(len(asm.targets()), probe.gop, probe.total_frames)
+            info["mode"] = "seek" if seek_mode else "sequential"
+            yield from _span_chunks(probe, asm, num_threads, seek_mode, info)
+            if asm.next < len(asm.chunks):
+                info["retry"] = (f"frames {asm.missing(asm.next)[:8]} not matched by timestamp; chunks {asm.next}.. "
+                                 "decoded straight through")
+        else:
+            info["mode"] = "sequential (frames matched by count)"
+        if asm.next < len(asm.chunks):
+            yield from _drain(_pyav_counting_frames(probe, asm.targets(), num_threads), asm)
+        if asm.next == len(asm.chunks):
             return
-        info["retry"] = (f"frames {asm.missing(asm.next)[:8]} not matched by timestamp; chunks {asm.next}.. "
-                         "decoded straight through")
-    else:
-        info["mode"] = "sequential (frames matched by count)"
-    yield from _drain(_pyav_counting_frames(probe, asm.targets(), num_threads), asm)
-    if asm.next < len(asm):
         missing = asm.missing(asm.next)
         raise _BackendFailed(f"PyAV could not decode frames {missing[:8]}{'...' if len(missing) > 8 else ''} of "
                              f"{probe.path!r} ({probe.total_frames} frames indexed); the file is probably damaged")
-
-
-def _pyav_chunks_guarded(probe, asm, num_threads, meta, fallback: bool, sampling: FrameSampling):
-    """:func:`_pyav_chunks`, PyAV failures raised as ``ValueError``; or, with ``fallback``, the chunks not handed out
-    yet read by decord where it may read the file and samples the same indices."""
-    try:
-        yield from _pyav_chunks(probe, asm, num_threads, meta.extra)
-        return
     except Exception as e:  # noqa: BLE001 - anything unexpected: the other backend may do better
         if isinstance(e, ValueError) and not isinstance(e, av.error.FFmpegError):
             raise  # our own checks (e.g. frames of varying size): no backend does better
@@ -646,11 +558,10 @@ def _pyav_chunks_guarded(probe, asm, num_threads, meta, fallback: bool, sampling
             raise _BackendFailed(f"decord samples other frames of {probe.path!r} (frame rate {fps} vs {meta.fps})")
     except _BackendFailed as e:
         raise ValueError(f"{error}; {e}") from None
-    meta.extra["fallback"] = f"decord from chunk {asm.next}"
+    info["fallback"] = f"decord from chunk {asm.next}"
     yield from _decord_chunks(vr, probe.path, asm, (probe.height, probe.width), str(error))
 
 
-# ---------------------------------------------------- decord ----------------------------------------------------
 def _last_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[-1][:300]
 
@@ -674,16 +585,15 @@ def _decord_reader(path, probe):
     if total <= 0:
         raise _BackendFailed(f"decord finds no frames in {path!r}")
     fps = positive_rate(vr.get_avg_fps())
-    if fps is not None:
-        return vr, total, fps, "stream", hw
-    return vr, total, (probe.fps or probe.fallback_fps) if probe is not None else 1.0, "fallback", hw
+    fallback = 1.0 if probe is None else probe.fps or probe.fallback_fps
+    return vr, total, fps or fallback, "fallback" if fps is None else "stream", hw
 
 
 def _decord_chunks(vr, path: str, asm: _ChunkAssembler, src_hw, earlier: str | None = None) -> Iterator[np.ndarray]:
     """Chunks read by decord in batches of at most 16 frames / 16 MB of full-resolution frames."""
     step = max(1, min(_DECORD_CHUNK, _DECORD_CHUNK_BYTES // (3 * src_hw[0] * src_hw[1])))
     try:
-        for k in range(asm.next, len(asm)):
+        for k in range(asm.next, len(asm.chunks)):
             wanted = asm.missing(k)
             for i in range(0, len(wanted), step):
                 try:
@@ -696,100 +606,63 @@ def _decord_chunks(vr, path: str, asm: _ChunkAssembler, src_hw, earlier: str | N
                 del batch
             yield asm.take(k)
     finally:
-        try:
+        with contextlib.suppress(Exception):
             vr.seek(0)  # decord's reader thread decodes ahead of its position: park it at the start
-        except Exception:
-            pass
-
-
-# ---------------------------------------------------- inputs ----------------------------------------------------
-def _in_memory(frames):
-    """Decoded frames as an indexable sequence of :func:`rgb_frame` inputs: a list, or a (T, H, W, 3) array."""
-    if isinstance(frames, (list, tuple)):
-        if not frames:
-            raise ValueError("the list of frames is empty")
-        return list(frames)
-    if frames.ndim != 4:
-        raise ValueError(f"frames must be (T, H, W, 3) or (T, 3, H, W) uint8, got shape {frames.shape}")
-    if frames.shape[-1] != 3 and frames.shape[1] == 3:
-        frames = frames.transpose(0, 2, 3, 1)
-    if frames.shape[-1] != 3 or 0 in frames.shape:
-        raise ValueError(f"frames must be non-empty RGB (3 channels), got shape {tuple(frames.shape)}")
-    return frames
-
-
-def _check_path(video) -> str:
-    path = os.fsdecode(os.fspath(video))
-    if not path:
-        raise FileNotFoundError("video path is empty")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"video file not found: {path!r}")
-    problem = ("it is a directory, not a video file" if os.path.isdir(path) else "not a regular file"
-               if not os.path.isfile(path) else "permission denied" if not os.access(path, os.R_OK)
-               else "the file is empty" if os.path.getsize(path) == 0 else None)
-    if problem:
-        raise ValueError(f"cannot read video {path!r}: {problem}")
-    return path
 
 
 def _classify_input(video) -> tuple[str, Any, str | None]:
-    """``("file", None, path)``, or ``("image" | "frames", frames in memory, path or None)``."""
+    """``("file", None, path)``, or ``("image" | "frames", a list or (T, H, W, 3) array of frames, path or None)``."""
     if isinstance(video, (str, os.PathLike)):
-        path = _check_path(video)
+        path = os.fsdecode(os.fspath(video))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"video file not found: {path!r}" if path else "video path is empty")
+        problem = ("it is a directory, not a video file" if os.path.isdir(path) else "not a regular file"
+                   if not os.path.isfile(path) else "permission denied" if not os.access(path, os.R_OK)
+                   else "the file is empty" if os.path.getsize(path) == 0 else None)
+        if problem:
+            raise ValueError(f"cannot read video {path!r}: {problem}")
         if not path.lower().endswith(IMAGE_EXTENSIONS):
             return "file", None, path
         try:
             with Image.open(path) as img:
-                img.load()
-                return "image", [img.convert("RGB")], path
+                return "image", [img.convert("RGB")], path  # convert() loads (and checks) the whole image
         except Exception as e:  # UnidentifiedImageError, truncated image, decompression bomb, ...
             raise ValueError(f"cannot read image {path!r}: {e}") from None
-    if isinstance(video, (np.ndarray, Image.Image)) or _is_torch_tensor(video):
-        arr = video if isinstance(video, Image.Image) else _uint8_array(video, "frames")
-        if isinstance(arr, Image.Image) or (arr.ndim == 3 and arr.shape[-1] == 3):
-            return "image", [arr], None
-        return "frames", _in_memory(arr), None
+    if isinstance(video, Image.Image):
+        return "image", [video], None
     if isinstance(video, (list, tuple)):
-        return "frames", _in_memory(video), None
-    raise TypeError(
-        f"video must be a path, a PIL image, a list of frames or a uint8 array/tensor, got {type(video).__name__}")
+        if not video:
+            raise ValueError("the list of frames is empty")
+        return "frames", list(video), None
+    if not isinstance(video, np.ndarray) and not _is_torch_tensor(video):
+        raise TypeError(
+            f"video must be a path, a PIL image, a list of frames or a uint8 array/tensor, got {type(video).__name__}")
+    arr = _uint8_array(video, "frames")
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        return "image", [arr], None
+    if arr.ndim != 4:
+        raise ValueError(f"frames must be (T, H, W, 3) or (T, 3, H, W) uint8, got shape {arr.shape}")
+    if arr.shape[-1] != 3 and arr.shape[1] == 3:
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.shape[-1] != 3 or 0 in arr.shape:
+        raise ValueError(f"frames must be non-empty RGB (3 channels), got shape {tuple(arr.shape)}")
+    return "frames", arr, None
 
 
-# ------------------------------------------------- entry points -------------------------------------------------
-def _default_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
-
-
-def iter_video_chunks(video, chunk_frames: int | None = DEFAULT_CHUNK_FRAMES, *, size=None, backend: str | None = None,
+def iter_video_chunks(video, chunk_frames: int | None = 32, *, size=None, backend: str | None = None,
                       video_fps: float | None = None, num_threads: int | None = None,
                       sampling: FrameSampling | None = None, **sampling_options,
                       ) -> tuple[VideoLoadMetadata, Iterator[np.ndarray]]:
-    """Sample a video and decode it ``chunk_frames`` frames at a time, in time order.
+    """``(metadata, chunks)``: the sampled frames of ``video`` as (n, H, W, 3) uint8 arrays of ``chunk_frames`` frames
+    (None: one chunk), in time order, each decoded when asked for, so memory holds about one chunk of frames.
 
-    The indices are sampled once, up front; the iterator decodes only what each chunk needs, so memory holds about
-    one chunk of resized frames whatever the frame count.
-
-    Args:
-        video: a video path (str / os.PathLike); a still image (a path, a ``PIL.Image``, an (H, W, 3) uint8 array);
-            decoded frames (a list of PIL images / (H, W, 3) arrays, a (T, H, W, 3) / (T, 3, H, W) uint8 numpy array
-            or torch tensor).
-        chunk_frames: frames per chunk (the last may be shorter); None: one chunk of every sampled frame.
-        size: resize each frame to ``size x size`` (or ``(height, width)``) with PIL bicubic, aspect ratio not kept,
-            as it is decoded; None keeps the source size.
-        backend: None (PyAV, decord where PyAV fails), ``"pyav"`` or ``"decord"``.
-        video_fps: frame rate of decoded frames (``fps=`` sampling needs it; it gives the duration).
-        num_threads: decoder threads (default: usable CPUs, at most 8).
-        sampling, **sampling_options: a :class:`frame_sampling.FrameSampling`, or its fields (``max_num_frames``,
-            ``num_frames``, ``fps``, ``min_num_frames``, ``frames_multiple``) as keywords; not both.
-
-    Returns:
-        ``(metadata, chunks)``: :class:`VideoLoadMetadata` (``extra`` is filled in while decoding) and an iterator of
-        (n, H, W, 3) uint8 arrays. Bad paths, unreadable files and bad arguments raise here; decoding failures raise
-        ``ValueError`` from the iterator.
+    ``video``: a video path; a still image (a path, a ``PIL.Image``, an (H, W, 3) uint8 array); decoded frames (a list
+    of PIL images / (H, W, 3) arrays, a (T, H, W, 3) / (T, 3, H, W) uint8 numpy array or torch tensor). ``size``
+    (:func:`parse_size`) resizes each frame as it is decoded. ``backend``: None, "pyav" or "decord" (see the module).
+    ``video_fps``: the rate of decoded frames (``fps=`` sampling needs it). ``num_threads``: default the usable CPUs, at
+    most 8. ``sampling``: a :class:`FrameSampling`, or its fields as keywords. Bad arguments and inputs raise here
+    (``FileNotFoundError``, or ``ValueError`` naming the file and why), decoding failures from the iterator
+    (``ValueError``). A truncated file gives its readable frames with a warning; ``metadata.extra`` fills in later.
     """
     if chunk_frames is not None and as_int("chunk_frames", chunk_frames) <= 0:
         raise ValueError(f"chunk_frames must be > 0, got chunk_frames={chunk_frames}")
@@ -797,10 +670,12 @@ def iter_video_chunks(video, chunk_frames: int | None = DEFAULT_CHUNK_FRAMES, *,
         sampling = FrameSampling(**sampling_options)
     elif sampling_options:
         raise ValueError(f"give sampling= or sampling options ({', '.join(sampling_options)}), not both")
-    hw = _parse_size(size)
-    if backend is not None and backend not in BACKENDS:
+    hw = parse_size(size)
+    if backend not in (None, "pyav", "decord"):
         raise ValueError(f"backend must be None, 'pyav' or 'decord', got {backend!r}")
-    num_threads = _default_threads() if num_threads is None else max(1, as_int("num_threads", num_threads))
+    if num_threads is None:  # the usable CPUs, at most 8
+        num_threads = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    num_threads = max(1, as_int("num_threads", num_threads))
     kind, frames, path = _classify_input(video)
     if kind == "file":
         return _open_file(path, chunk_frames, hw, backend, sampling, num_threads)
@@ -813,14 +688,8 @@ def iter_video_chunks(video, chunk_frames: int | None = DEFAULT_CHUNK_FRAMES, *,
     indices = sampling.decoded_indices(len(frames), rate)
     asm = _ChunkAssembler(indices, chunk_frames, hw, None, path or kind)
     meta = _metadata(indices, rate, len(frames), "frames", first.shape[1], first.shape[0], path, {"input": kind})
-    return meta, _memory_chunks(asm, frames)
-
-
-def _memory_chunks(asm: _ChunkAssembler, frames) -> Iterator[np.ndarray]:
-    for k in range(len(asm)):
-        for idx in asm.missing(k):
-            asm.put(idx, rgb_frame(frames[idx], f"frame {idx}"))
-        yield asm.take(k)
+    in_order = ((i, rgb_frame(frames[i], f"frame {i}")) for i in asm.targets())  # converted as chunks are taken
+    return meta, _drain(in_order, asm)
 
 
 def _open_file(path, chunk_frames, hw, backend, sampling: FrameSampling, num_threads):
@@ -844,7 +713,7 @@ def _open_file(path, chunk_frames, hw, backend, sampling: FrameSampling, num_thr
         asm = _ChunkAssembler(indices, chunk_frames, hw, (probe.height, probe.width), path)
         info = {"codec": probe.codec, "gop": round(probe.gop, 2), "fps_source": "stream" if probe.fps else "fallback"}
         meta = _metadata(indices, fps, probe.total_frames, "pyav", probe.width, probe.height, path, info)
-        return meta, _pyav_chunks_guarded(probe, asm, num_threads, meta, "decord" in order, sampling)
+        return meta, _pyav_chunks(probe, asm, num_threads, meta, "decord" in order, sampling)
     try:
         vr, total, fps, fps_source, src_hw = _decord_reader(path, probe)
     except _BackendFailed as e:
@@ -858,9 +727,8 @@ def _open_file(path, chunk_frames, hw, backend, sampling: FrameSampling, num_thr
 def load_video(video, *, size=None, backend: str | None = None, video_fps: float | None = None,
                num_threads: int | None = None, sampling: FrameSampling | None = None, **sampling_options,
                ) -> tuple[np.ndarray, VideoLoadMetadata]:
-    """Every sampled frame at once: :func:`iter_video_chunks` (same arguments) with one chunk. Returns
-    ``(frames, metadata)``, frames a (T, H, W, 3) uint8 array, T a multiple of 4. With the default sampling and a
-    file, the frames of the original chat() path."""
+    """``(frames, metadata)``: :func:`iter_video_chunks` (same arguments) in one (T, H, W, 3) uint8 chunk, T a multiple
+    of 4. With the default sampling and a file, the frames of the original chat() path."""
     meta, chunks = iter_video_chunks(video, None, size=size, backend=backend, video_fps=video_fps,
                                      num_threads=num_threads, sampling=sampling, **sampling_options)
     (frames,) = chunks  # the one chunk is the preallocated output: no copy

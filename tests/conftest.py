@@ -5,7 +5,6 @@ copied into the repo; a missing folder is a hard error, not a skip.
 """
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 

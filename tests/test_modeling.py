@@ -172,7 +172,7 @@ def test_left_padded_batch_equals_single_runs(tiny):
 
 
 def test_flat_video_layout_with_frame_counts(tiny):
-    (ids_a, frames_a), (ids_b, frames_b) = make_sample(4, 2, 3, seed=3), make_sample(8, 2, 3, seed=4)
+    (_, frames_a), (_, frames_b) = make_sample(4, 2, 3, seed=3), make_sample(8, 2, 3, seed=4)
     with torch.no_grad():
         as_list = tiny.get_video_features([frames_a, frames_b])
         flat = tiny.get_video_features(torch.cat([frames_a, frames_b]), video_frame_counts=torch.tensor([4, 8]))

@@ -485,9 +485,9 @@ def _run_python(code: str, cwd: Path, timeout: int = 120) -> subprocess.Complete
     return result
 
 
-def test_auto_processor_from_saved_folder_in_subprocess(tmp_path):
-    """AutoProcessor(trust_remote_code=True) loads the saved folder where the repo is not importable and gives the
-    same outputs as the in-process processor."""
+def test_auto_processor_loads_saves_and_processes_without_this_package_or_torchvision(tmp_path):
+    """In a fresh process where neither this package nor torchvision / torchcodec can be imported, AutoProcessor
+    (trust_remote_code=True) loads a saved folder, saves it again, and gives the in-process processor's outputs."""
     saved, work = tmp_path / "saved", tmp_path / "work"
     work.mkdir()
     processor = make_processor(224)
@@ -502,17 +502,31 @@ def test_auto_processor_from_saved_folder_in_subprocess(tmp_path):
     )
     _run_python(
         f"""
-        import json, sys, torch
-        repo = {str(REPO_ROOT)!r}
-        sys.path[:] = [p for p in sys.path if p not in ("", ".", repo)]
+        import importlib.abc, json, sys
+        BLOCKED = ("torchvision", "torchcodec", "videochat_flash")
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{{name}} is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        for name in BLOCKED[:2]:  # makes importlib.util.find_spec() report "not installed" (None) as well
+            sys.modules[name] = None
+        import torch
         from transformers import AutoProcessor
+        from transformers.utils import is_torchvision_available
+        assert not is_torchvision_available()
         processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
         assert type(processor).__module__.startswith("transformers_modules."), type(processor).__module__
-        assert "videochat_flash" not in sys.modules
+        processor.save_pretrained("again")
+        again = AutoProcessor.from_pretrained("again", trust_remote_code=True)
         messages = json.load(open("messages.json"))
-        out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                            return_tensors="pt")
+        out = again.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")
         torch.save(dict(out), "out.pt")
+        assert not any(name.split(".")[0] in BLOCKED for name in sys.modules if sys.modules[name] is not None)
         """,
         cwd=work,
     )
@@ -522,55 +536,46 @@ def test_auto_processor_from_saved_folder_in_subprocess(tmp_path):
         assert torch.equal(got[key], expected[key]), key
 
 
-def test_no_torchvision_build_save_load_process(tmp_path):
-    """With torchvision/torchcodec impossible to import: build, save, reload through AutoProcessor, process a video."""
-    _run_python(
-        f"""
-        import importlib.abc, sys
-        BLOCKED = ("torchvision", "torchcodec")
+def test_load_video_is_the_decoders_function():
+    """The interface: `load_video` importable from processing_videochat_flash, the one of video_loading."""
+    from videochat_flash import video_loading
 
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{{name}} is blocked in this test")
-                return None
-
-        sys.meta_path.insert(0, Block())
-        for name in BLOCKED:  # makes importlib.util.find_spec() report "not installed" (None) as well
-            sys.modules[name] = None
-        try:
-            import torchvision  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            raise AssertionError("torchvision was importable")
-
-        import transformers
-        from transformers.utils import is_torchvision_available
-        assert not is_torchvision_available()
-        import videochat_flash.processing_videochat_flash as pvf
-        video_processor = pvf.VideoChatFlashVideoProcessor(size=224)
-        from videochat_flash.tiny_model import build_byte_level_tokenizer
-        processor = pvf.VideoChatFlashProcessor(video_processor=video_processor, tokenizer=build_byte_level_tokenizer())
-        processor.save_pretrained({str(tmp_path / "saved")!r})
-        from transformers import AutoProcessor
-        loaded = AutoProcessor.from_pretrained({str(tmp_path / "saved")!r}, trust_remote_code=True)
-        messages = [{{"role": "user", "content": [{{"type": "video", "path": {str(golden_path(TINY_VIDEO))!r}}},
-                                                {{"type": "text", "text": "Hi"}}]}}]
-        out = loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt")
-        assert out["pixel_values_videos"].shape == (1, 8, 3, 224, 224), out["pixel_values_videos"].shape
-        assert (out["input_ids"] == loaded.video_token_id).sum().item() == 16 * 8
-        assert all(sys.modules.get(name) is None for name in sys.modules if name.split(".")[0] in BLOCKED)
-        print("ok")
-        """,
-        cwd=tmp_path,
-    )
-
-
-def test_load_video_is_reexported():
-    from videochat_flash import processing_videochat_flash
-
-    assert processing_videochat_flash.load_video is load_video
+    assert load_video is video_loading.load_video
     frames, metadata = load_video(str(golden_path(TINY_VIDEO)), size=224)
     assert frames.dtype == np.uint8 and frames.shape == (8, 224, 224, 3) and metadata.duration == 0.2
+
+
+def test_decoded_frames_follow_the_one_rule_and_the_time_message_options(preprocess_golden):
+    """Decoded frames: as given (padded to 4), capped at max_num_frames, sampled for num_frames / fps (the rate from
+    video_metadata); the time message is "short", "long" (per-frame seconds) or left out."""
+    _, tensors = preprocess_golden
+    processor = make_processor(224)
+    frames = np.repeat(tensors["frames_uint8_subset"].numpy()[:1], 30, axis=0)  # 30 frames
+    count = lambda **kw: int(processor.video_processor(videos=frames, **kw)["video_frame_counts"][0])
+    assert count() == 32 and count(max_num_frames=16) == 16 and count(num_frames=8) == 8
+    assert count(fps=2.0, video_metadata={"fps": 10.0}) == 4  # 3 s at 2 frames/s: 6, down to a multiple of 4
+    with pytest.raises(ValueError, match="video_fps"):
+        count(fps=1.0)
+    text = {}
+    for style in ("short", "long", None):
+        out = processor(text="<|video_pad|>Q", videos=frames, video_metadata={"fps": 10.0}, max_num_frames=8,
+                        time_message=style)
+        text[style] = processor.tokenizer.decode(out["input_ids"][0]).replace("<|video_pad|>" * 128, "<V>")
+    assert text["short"] == "<V>\nThe video lasts for 3.00 seconds, and 8 frames are uniformly sampled from it. Q"
+    assert text["long"].startswith("<V>\nThe video lasts for 3.00 seconds, and 8 frames are uniformly sampled at 0.1, ")
+    assert text[None] == "<V>Q"
+
+
+def test_media_blocks_turn_original_markers_into_template_blocks():
+    from videochat_flash.processing_videochat_flash import media_blocks
+
+    assert media_blocks("<image>\nWhat?", ["video"]) == [{"type": "video"}, {"type": "text", "text": "\nWhat?"}]
+    # the template follows an image with "\n": the marker's own newline is that one
+    assert media_blocks("A <image>\nB <image>\nC", ["image", "image"]) == [
+        {"type": "text", "text": "A "}, {"type": "image"}, {"type": "text", "text": "B "}, {"type": "image"},
+        {"type": "text", "text": "C"}]
+    with pytest.raises(ValueError, match="2 <image> markers for 1"):
+        media_blocks("<image><image>", ["video"])
+    processor = make_processor(224)
+    rendered = processor.apply_chat_template([{"role": "user", "content": media_blocks("<image>\nQ", ["image"])}])
+    assert "<|im_start|>user\n<|image_pad|>\nQ<|im_end|>" in rendered

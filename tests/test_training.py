@@ -1,34 +1,27 @@
-"""Fine-tuning: data_videochat_flash (records -> messages -> labels) and training_videochat_flash (config, stage
-presets, Trainer runs, LoRA, checkpointing, resuming), on the tiny model.
+"""training_videochat_flash: config parsing and stage presets, Trainer runs on the tiny model (the loss falls, saves
+reload), per-part learning rates, LoRA, activation checkpointing, resuming, gradient accumulation.
 
 Everything runs on CPU in well under a minute: the tiny random model (4-layer Qwen2 of width 64, UMT on 128 px
-frames), a few 8-frame 128 px videos written with PyAV into a temporary folder, a few dozen optimizer steps.
+frames), four 8-frame 128 px clips written with PyAV into a temporary folder, a few dozen optimizer steps.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from conftest import REPO_ROOT, golden_path
+from media import COLOR_QUESTION, colour_dataset
 from safetensors import safe_open
 
 import videochat_flash.training_videochat_flash as tvf
-from videochat_flash.data_videochat_flash import (
-    IGNORE_INDEX,
-    VideoChatFlashDataCollator,
-    VideoChatFlashTrainingDataset,
-    load_records,
-    record_messages,
-)
-from videochat_flash.frame_sampling import FrameSampling
+from test_data import dataset, record
+
+from videochat_flash.data_videochat_flash import IGNORE_INDEX, VideoChatFlashDataCollator
+
 from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM
 from videochat_flash.tiny_model import build_tiny_model, tiny_processor
 from videochat_flash.training_videochat_flash import (
@@ -40,44 +33,12 @@ from videochat_flash.training_videochat_flash import (
     set_trainable_parts,
 )
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
-QUESTION = "What color is the video?"
-SIZE = 128  # the tiny vision tower's frame size
-
-
-def write_video(path: Path, color, frames: int = 8, size: int = SIZE, fps: int = 8) -> str:
-    """A solid-colour clip with a moving band in the complementary colour."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "ultrafast"}
-        for i in range(frames):
-            frame = np.empty((size, size, 3), np.uint8)
-            frame[:] = color
-            band = (i * 8) % size
-            frame[band : band + 16] = 255 - np.array(color, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
+QUESTION = COLOR_QUESTION
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_media")
-    records = []
-    for index, (name, color) in enumerate(COLORS.items()):
-        write_video(root / f"clip{index}.mp4", color)
-        records.append({"video": f"clip{index}.mp4", "conversations": [
-            {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": f"It is {name}."}]})
-    write_video(root / "twelve.mp4", (90, 90, 90), frames=12)  # 1.5 s at 8 fps -> 12 frames
-    for index, color in enumerate(COLORS.values()):
-        Image.fromarray(np.full((40, 60, 3), color, np.uint8)).save(root / f"image{index}.png")
-    (root / "train.json").write_text(json.dumps(records))
-    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    return {"root": root, "records": records, "answers": [f"It is {name}." for name in COLORS]}
+    return colour_dataset(tmp_path_factory.mktemp("train_media"))
 
 
 def tiny_config(media, output_dir, steps=30, **fields):
@@ -87,16 +48,6 @@ def tiny_config(media, output_dir, steps=30, **fields):
             "per_device_train_batch_size": 4, "learning_rate": 2e-3, "lr_scheduler_type": "constant",
             "warmup_steps": 0, "seed": 0, "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
             "dataloader_num_workers": 0, **fields}
-
-
-def dataset(media, records, **kwargs):
-    return VideoChatFlashTrainingDataset(load_records(records, data_root=str(media["root"])), tiny_processor(),
-                                         FrameSampling.training(frames_upbound=8), **kwargs)
-
-
-def record(video, *turns, key="video"):
-    return {key: video, "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": text}
-                                          for i, text in enumerate(turns)]}
 
 
 def losses(trainer) -> list[float]:
@@ -118,10 +69,6 @@ def greedy_answer(model, collator, item) -> str:
 
 def model_inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def decode_trained(tokenizer, item) -> str:
-    return tokenizer.decode([t for t, l in zip(item["input_ids"].tolist(), item["labels"].tolist()) if l != IGNORE_INDEX])
 
 
 # ============================================================================================ 1. it learns
@@ -172,130 +119,6 @@ def test_saved_model_reloads_with_identical_logits_and_original_keys(trained):
     manifest = json.loads(golden_path("keys_VideoChat-Flash-Qwen2-7B_res224.json").read_text())["keys"]
     pattern = lambda keys: {re.sub(r"\.\d+\.", ".N.", key) for key in keys}
     assert pattern(saved) == pattern(manifest)
-
-
-# ============================================================================================ 2. data and labels
-def segments(tokenizer, ids):
-    """Positions of each chat turn (start, end, role) found from <|im_start|> tokens."""
-    starts = [i for i, t in enumerate(ids) if t == tokenizer.convert_tokens_to_ids("<|im_start|>")] + [len(ids)]
-    roles = [tokenizer.decode(ids[s + 1 : s + 5]) for s in starts[:-1]]
-    return [(s, e, "assistant" if r.startswith("assi") else "user" if r.startswith("user") else "system")
-            for s, e, r in zip(starts, starts[1:], roles)]
-
-
-def test_masking_single_and_multi_turn_with_padding(media):
-    tokenizer = tiny_processor().tokenizer
-    data = dataset(media, [record("clip0.mp4", f"<image>\n{QUESTION}", "It is red."),
-                           record("twelve.mp4", f"{QUESTION}\n<image>", "Red.", "And the band?", "It moves down.")])
-    batch = VideoChatFlashDataCollator(tokenizer.pad_token_id)([data[0], data[1]])
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    assert ids.shape[0] == 2 and batch["video_frame_counts"].tolist() == [8, 12]
-    assert batch["pixel_values_videos"].shape == (20, 3, SIZE, SIZE)
-    expected_answers = [["It is red."], ["Red.", "It moves down."]]
-    for row in range(2):
-        length = int(mask[row].sum())
-        assert bool(mask[row, :length].all()) and not bool(mask[row, length:].any())  # right padding
-        assert bool((labels[row, length:] == IGNORE_INDEX).all())  # padding
-        assert bool((ids[row, length:] == tokenizer.pad_token_id).all())
-        row_ids, row_labels = ids[row, :length].tolist(), labels[row, :length].tolist()
-        visual = [i for i, t in enumerate(row_ids) if t == 259]
-        assert len(visual) == 16 * (8 if row == 0 else 12)
-        assert all(row_labels[i] == IGNORE_INDEX for i in visual)
-        trained = [i for i, label in enumerate(row_labels) if label != IGNORE_INDEX]
-        assert all(row_labels[i] == row_ids[i] for i in trained)
-        answers = []
-        for start, end, role in segments(tokenizer, row_ids):
-            turn_labels = row_labels[start:end]
-            if role in ("system", "user"):
-                assert all(label == IGNORE_INDEX for label in turn_labels), role
-                continue
-            # assistant: header masked, then answer + <|im_end|> + "\n" trained
-            header = len(tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
-            assert all(label == IGNORE_INDEX for label in turn_labels[:header])
-            body = turn_labels[header:]
-            assert all(label != IGNORE_INDEX for label in body)
-            assert tokenizer.decode(body).endswith("<|im_end|>\n")
-            answers.append(tokenizer.decode(body)[: -len("<|im_end|>\n")])
-        assert answers == expected_answers[row]
-
-
-def test_prompt_matches_the_original_training_prompt(media):
-    """preprocess_multimodal + preprocess_qwen: "<image>" moved first, time message, then "\\n" + question."""
-    tokenizer = tiny_processor().tokenizer
-    sample = record("clip0.mp4", f"{QUESTION} <image>", "Red.")
-    video = "<|video_pad|>" * 128
-    expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + video
-                + "\nThe video lasts for 1.00 seconds, and 8 frames are uniformly sampled from it. \n" + QUESTION
-                + "<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n")
-    assert tokenizer.decode(dataset(media, [sample])[0]["input_ids"]) == expected
-    # the original's non-"short" time message lists the frame times
-    text = tokenizer.decode(dataset(media, [sample], time_msg="long")[0]["input_ids"])
-    assert ("\nThe video lasts for 1.00 seconds, and 8 frames are uniformly sampled at 0.0, 0.1, 0.2, 0.4, 0.5, 0.6, "
-            "0.8, 0.9 seconds. \n" + QUESTION) in text
-    # without a time message (time_msg null) and with a custom system turn
-    sample["conversations"].insert(0, {"from": "system", "value": "Be brief."})
-    text = tokenizer.decode(dataset(media, [sample], time_msg=None)[0]["input_ids"])
-    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + video + "\n" + QUESTION)
-
-
-def test_masking_options_original_mode_plain_format_and_images(media):
-    tokenizer = tiny_processor().tokenizer
-    sample = record("clip0.mp4", "<image>\nQ1?", "A1.", "Q2?", "A2.")
-
-    item = dataset(media, [sample], train_on_turn_newline=False)[0]
-    assert decode_trained(tokenizer, item) == "A1.<|im_end|>A2.<|im_end|>"
-
-    # "original": preprocess_qwen bit for bit: whole assistant turns + every <|im_start|>, <|im_end|>, "\n".
-    item = dataset(media, [sample], label_mode="original")[0]
-    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
-    unmask = {257, 258, tokenizer("\n", add_special_tokens=False)["input_ids"][0]}
-    for start, end, role in segments(tokenizer, ids):
-        for i in range(start, end):
-            assert labels[i] == (ids[i] if role == "assistant" or ids[i] in unmask else IGNORE_INDEX), (role, i)
-
-    # stage 1 "plain": visual tokens + answer + "\n", no system prompt, question or time message
-    item = dataset(media, [record("clip0.mp4", "<image>\nQ1?", "A1.")], prompt_format="plain")[0]
-    assert item["input_ids"].tolist() == [259] * 128 + tokenizer("A1.\n", add_special_tokens=False)["input_ids"]
-    assert decode_trained(tokenizer, item) == "A1.\n"
-
-    # images: 64 <|image_pad|> per image, in marker order, each followed by "\n" as in "<image>\n", masked
-    images = record(["image0.png", "image1.png"], "<image>\n<image>\nSame?", "No.", key="image")
-    item = dataset(media, [images])[0]
-    assert tokenizer.decode(item["input_ids"]).replace("<|image_pad|>" * 64, "<I>").endswith(
-        "<|im_start|>user\n<I>\n<I>\nSame?<|im_end|>\n<|im_start|>assistant\nNo.<|im_end|>\n")
-    assert item["pixel_values"].shape == (2, 3, SIZE, SIZE) and "pixel_values_videos" not in item
-    assert decode_trained(tokenizer, item) == "No.<|im_end|>\n"
-    plain = dataset(media, [record("image0.png", "<image>\nQ?", "A.", key="image")], prompt_format="plain")[0]
-    assert plain["input_ids"].tolist() == [260] * 64 + tokenizer("A.\n", add_special_tokens=False)["input_ids"]
-
-    with pytest.raises(ValueError, match="markers"):
-        dataset(media, [record("clip0.mp4", "<image><image>", "x")])[0]
-    with pytest.raises(ValueError, match="cuts into the visual tokens"):
-        dataset(media, [sample], model_max_length=50)[0]
-
-
-def test_dataset_samples_frames_like_the_original_training_path(media):
-    """Golden `train.process_video(upbound=512, lowbound=64, local=4)` indices and time messages."""
-    golden = json.loads(golden_path("preprocess.json").read_text())["sampling"]
-    key = "train.process_video(upbound=512,lowbound=64,local=4)"
-    records = [record(name, "<image>\nQ", "A") for name in golden if key in golden[name]]
-    assert len(records) == 4
-    data = VideoChatFlashTrainingDataset(load_records(records, data_root=str(golden_path("README.md").parent)),
-                                         tiny_processor(), FrameSampling.training(frames_upbound=512, frames_lowbound=64))
-    tokenizer = data.processor.tokenizer
-    for index, sample in enumerate(records):
-        item, want = data[index], golden[sample["video"]][key]
-        assert item["video_frame_counts"] == [want["num_frames"]], sample["video"]
-        assert want["time_msg"] + "\nQ<|im_end|>" in tokenizer.decode(item["input_ids"])
-    # JSONL and dataset-list YAML inputs give the same records
-    listing = media["root"] / "list.yaml"
-    listing.write_text(yaml.safe_dump({"datasets": [{"json_path": "train.jsonl", "sampling_strategy": "first:50%",
-                                                     "data_root": str(media["root"])}]}))
-    assert [r["video"] for r in load_records(str(listing))] == ["clip0.mp4", "clip1.mp4"]
-    # the messages the processor renders: a video block where the (moved) marker was
-    messages = record_messages(load_records([record("a.mp4", "Q <image>", "A")], data_root="/data")[0])
-    assert messages[1] == {"role": "user", "content": [{"type": "video", "path": "/data/a.mp4"},
-                                                        {"type": "text", "text": "\nQ"}]}
 
 
 # ============================================================================================ 3. stages, LoRA

@@ -1,16 +1,12 @@
 """ToMe projector of VideoChat-Flash: token merging to 16 tokens per frame, then a 2-layer MLP into the LLM.
 
-A 4-frame clip of vision-tower features (`4 * L` tokens) is merged by repeated ToMe bipartite soft matching
-(Bolya et al., "Token Merging: Your ViT but Faster") down to 64 tokens; a single image goes to 64 tokens as well.
-The merged tokens are size-weighted averages of the patch features they absorbed, so the MLP sees features on
-the same scale as single patches.
+Clips of vision-tower features are merged by repeated ToMe bipartite soft matching (Bolya et al., "Token Merging:
+Your ViT but Faster") into size-weighted averages of the patches they absorb, so the MLP sees features on the scale
+of single patches. The merge decisions follow the original step by step, down to the order of the floating-point
+operations behind the similarity scores: sort margins between candidate merges can be one float32 ulp, so a
+mathematically equivalent but differently rounded metric would merge different tokens.
 
-The merge decisions (which token goes where, and the output order) follow the original implementation step by
-step, including the order of the floating-point operations that produce the similarity scores: the sort margins
-between candidate merges can be as small as one float32 ulp, so a mathematically equivalent but differently
-rounded metric would merge different tokens.
-
-This file is self-contained (torch only): the Hub export copies it as `vision_tower_token_merging.py`.
+Self-contained (torch only): the Hub export copies it as `vision_tower_token_merging.py`.
 """
 
 import torch
@@ -34,17 +30,11 @@ def merge_schedule(num_tokens: int, target: int) -> list[int]:
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ToMe matching round: which of the even tokens ("a") merge into which odd tokens ("b").
+    """One ToMe round on `(B, N, D)` metric: each even ("a") token proposes its most cosine-similar odd ("b") token;
+    the `r <= N // 2` a tokens with the most similar partners merge away.
 
-    Every a token proposes its most similar b token (cosine similarity of `metric`); the `r` a tokens with the
-    most similar partners are merged away, the others are kept.
-
-    Args:
-        metric: `(B, N, D)` similarity features.
-        r: number of a tokens to merge away, `r <= N // 2`.
-    Returns:
-        `kept_idx (B, ceil(N/2) - r, 1)`: a tokens kept, in decreasing order of their best similarity;
-        `src_idx (B, r, 1)`: a tokens merged away; `dst_idx (B, r, 1)`: the b token each of them merges into.
+    Returns `kept_idx (B, ceil(N/2) - r, 1)` (the kept a tokens, by decreasing best similarity), `src_idx (B, r, 1)`
+    (the a tokens merged away) and `dst_idx (B, r, 1)` (the b token each merges into).
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[..., ::2, :], metric[..., 1::2, :]
@@ -69,15 +59,12 @@ def merge_sum(x: torch.Tensor, kept_idx: torch.Tensor, src_idx: torch.Tensor, ds
 
 
 def merge_tokens(x: torch.Tensor, target: int, num_heads: int) -> torch.Tensor:
-    """Merge `(B, N, C)` tokens down to `(B, target, C)` by repeated bipartite soft matching.
+    """Merge `(B, N, C)` tokens down to `(B, target, C)`; each round's metric is the mean of the current tokens over
+    `num_heads` channel groups (the head-averaged features, as in the original).
 
-    The similarity metric of each round is the mean over `num_heads` channel groups of the current tokens (the
-    head-averaged features, as in the original). Merged tokens are size-weighted means of the patches they cover.
-
-    Precision: the running means and token sizes are kept in float32 whatever the input dtype, and the result is
-    rounded to the input dtype once at the end. In bfloat16, summing hundreds of patches (sizes up to ~25 at
-    784 -> 64) and rounding after every round would lose several bits; in float32 inputs this is exactly the
-    original's arithmetic (sum of `x * size`, sum of sizes, divide).
+    Means and sizes are kept in float32 and rounded to the input dtype once at the end: in bfloat16, summing hundreds
+    of patches (sizes up to ~25 at 784 -> 64) and rounding every round would lose several bits. For float32 inputs
+    this is exactly the original's arithmetic (sum of `x * size`, sum of sizes, divide).
     """
     batch_size, num_tokens, channels = x.shape
     if channels % num_heads:
@@ -96,28 +83,12 @@ def merge_tokens(x: torch.Tensor, target: int, num_heads: int) -> torch.Tensor:
 
 
 class ToMeProjector(nn.Module):
-    """Token merging (16 tokens per frame, 64 per image) followed by Linear -> GELU -> Linear.
+    """Token merging (`tokens_per_frame` per video frame, `tokens_per_image` per image) then Linear -> GELU -> Linear,
+    from the vision width `mm_hidden_size` to the LLM's `hidden_size`. The ToMe metric averages features over the
+    tower's `num_attention_heads`."""
 
-    Args:
-        mm_hidden_size: vision feature width (1024 for UMT-L).
-        hidden_size: LLM width.
-        num_attention_heads: the vision tower's head count; the ToMe metric averages features over these heads.
-        image_size: frame side in pixels.
-        patch_size: vision patch side in pixels.
-        tokens_per_frame: merged tokens per video frame (16).
-        tokens_per_image: merged tokens per still image (64).
-    """
-
-    def __init__(
-        self,
-        mm_hidden_size: int,
-        hidden_size: int,
-        num_attention_heads: int,
-        image_size: int,
-        patch_size: int,
-        tokens_per_frame: int = 16,
-        tokens_per_image: int = 64,
-    ):
+    def __init__(self, mm_hidden_size: int, hidden_size: int, num_attention_heads: int, image_size: int,
+                 patch_size: int, tokens_per_frame: int = 16, tokens_per_image: int = 64):
         super().__init__()
         if mm_hidden_size % num_attention_heads:
             raise ValueError(
@@ -134,17 +105,10 @@ class ToMeProjector(nn.Module):
         return merge_tokens(x, target, self.num_attention_heads)
 
     def group_frames(self, features: torch.Tensor, compress: bool = False, local_num_frames: int = -1):
-        """Reshape per-frame features into merge groups, with the original's call semantics.
-
-        Args:
-            features: `(num_frames, L, C)` vision-tower features, one row per frame (or image).
-            compress: merge frames together at `tokens_per_frame` each; otherwise every row is an image
-                merged to `tokens_per_image`.
-            local_num_frames: with `compress`, frames per clip (each clip is merged separately); -1 merges all
-                rows as one clip. 1 (or -1) without `compress` is the image path.
-        Returns:
-            `(groups, tokens, C)` and the number of tokens each group is merged to.
-        """
+        """`(num_frames, L, C)` per-frame features -> `(groups, tokens, C)` merge groups and the tokens each group is
+        merged to, with the original's call semantics: `compress` merges clips of `local_num_frames` frames (-1: all
+        rows are one clip) to `tokens_per_frame` per frame; otherwise every row is an image (`local_num_frames` 1 or
+        -1) merged to `tokens_per_image`. Raises ValueError for other shapes or combinations."""
         if features.dim() != 3 or features.shape[1] != self.num_patches_per_frame:
             raise ValueError(
                 f"features must be (frames, {self.num_patches_per_frame}, C) per-frame vision features, "
@@ -162,10 +126,7 @@ class ToMeProjector(nn.Module):
         return clips, self.tokens_per_frame * clip_frames
 
     def forward(self, features: torch.Tensor, compress: bool = False, local_num_frames: int = -1) -> torch.Tensor:
-        """Project vision features to LLM tokens.
-
-        Video: `(num_frames, L, C)`, `compress=True`, `local_num_frames=4` -> `(num_frames / 4, 64, hidden)`.
-        Image: `(N, L, C)`, `compress=False` -> `(N, 64, hidden)`. See `group_frames` for the full rules.
-        """
+        """Video `(num_frames, L, C)` with `compress=True, local_num_frames=4` -> `(num_frames / 4, 64, hidden)`;
+        images `(N, L, C)` with `compress=False` -> `(N, 64, hidden)` (see `group_frames`)."""
         groups, target = self.group_frames(features, compress, local_num_frames)
         return self.mlp(self.merge_tokens(groups, target))

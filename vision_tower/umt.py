@@ -1,20 +1,14 @@
 """UMT ViT video encoder of VideoChat-Flash (Unmasked Teacher ViT-L/16, tubelet 1).
 
-A plain pre-norm ViT without class token whose patch sequence covers a whole clip: a `(T, 3, S, S)` clip becomes
-one sequence of `T * (S / p)^2` tokens, so attention mixes space and time. Positions are fixed 1-D sinusoids over
-that flattened (frame, row, column) index; single images use a separate one-frame table.
-
-Module tree (and so the state-dict keys, relative to `UMTVisionTower`)::
+A pre-norm ViT without class token whose sequence covers a whole clip (`T * (S / p)^2` tokens, so attention mixes
+space and time), with fixed 1-D sinusoid positions over the (frame, row, column) index. State-dict keys, relative to
+`UMTVisionTower`::
 
     vision_tower.encoder.patch_embed.proj            Conv3d, kernel (1, p, p)
     vision_tower.encoder.blocks.N.{norm1, attn, norm2, mlp}
     vision_tower.encoder.vision_layernorm
 
-Only the blocks up to the selected feature layer are built: with `num_hidden_layers=24` and `select_layer=-2`
-the tower has 23 blocks, and its output is the 23rd block's output passed through `vision_layernorm`.
-
-This file is self-contained (torch + transformers utilities only): the Hub export copies it as
-`vision_tower_umt.py`.
+Self-contained (torch + transformers utilities): the Hub export copies it as `vision_tower_umt.py`.
 """
 
 import torch
@@ -46,11 +40,8 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 # ----------------------------------------------------------------------------------------- position tables
 def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
-    """Transformer sinusoids: `(num_positions, dim)` float32.
-
-    Column `j` holds `sin` (even j) or `cos` (odd j) of `pos / 10000^(2 * (j // 2) / dim)`. Computed in float64
-    and rounded once to float32, like the original (which builds it in numpy float64).
-    """
+    """`(num_positions, dim)` float32 sinusoids: column `j` is `sin` (even j) or `cos` (odd j) of
+    `pos / 10000^(2 * (j // 2) / dim)`, computed in float64 and rounded once, like the original's numpy table."""
     positions = torch.arange(num_positions, dtype=torch.float64)[:, None]
     exponents = torch.tensor([2 * (j // 2) / dim for j in range(dim)], dtype=torch.float64)
     angles = positions / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponents)
@@ -79,18 +70,10 @@ def resize_frames(table: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 
 def build_position_table(num_frames: int, grid_size: int, dim: int, image_size: int) -> torch.Tensor:
-    """Fixed position table of a clip, `(num_frames * grid_size^2, dim)` float32, token order (frame, row, col).
-
-    `num_frames=1` gives the image table: a separate one-frame sinusoid (positions 0..g^2-1), not a slice of the
-    video table resampled in time. Mirrors the original's two construction paths:
-
-    * 224 px towers: the sinusoid is laid out directly on the tower's own grid (for the pretraining clip length,
-      `PRETRAIN_NUM_FRAMES`, or one frame for images);
-    * any other resolution: it is laid out on the pretraining 14x14 grid and resized bicubically per frame (e.g.
-      to 28x28 at 448 px).
-
-    Then, for videos whose clip length differs from `PRETRAIN_NUM_FRAMES`, the time axis is resized linearly.
-    """
+    """Fixed `(num_frames * grid_size^2, dim)` float32 table, token order (frame, row, col), built as the original:
+    a sinusoid over `PRETRAIN_NUM_FRAMES` frames (one for images, `num_frames=1`: its own table, not a slice of the
+    video one) laid out on the tower's grid at 224 px, else on the pretraining 14x14 grid resized bicubically per
+    frame (28x28 at 448 px); then the time axis is resized linearly to `num_frames`."""
     base_frames = 1 if num_frames == 1 else PRETRAIN_NUM_FRAMES
     base_grid = grid_size if image_size == PRETRAIN_IMAGE_SIZE else PRETRAIN_GRID_SIZE
     table = sinusoid_table(base_frames * base_grid * base_grid, dim).reshape(base_frames, base_grid, base_grid, dim)
@@ -99,9 +82,8 @@ def build_position_table(num_frames: int, grid_size: int, dim: int, image_size: 
 
 
 # ----------------------------------------------------------------------------------------------- layers
-def run_linear(
-    layer: nn.Module, hidden_states: torch.Tensor, extra_bias: torch.Tensor | None = None, gelu: bool = False
-) -> torch.Tensor:
+def run_linear(layer: nn.Module, hidden_states: torch.Tensor, extra_bias: torch.Tensor | None = None,
+               gelu: bool = False) -> torch.Tensor:
     """`layer(hidden_states) + extra_bias`, then exact (erf) GELU if `gelu`.
 
     The linear layers are ~80% of the tower's time on a CPU. For float32 CPU inference a plain `nn.Linear` runs
@@ -131,19 +113,15 @@ def run_linear(
 
 
 class UMTPatchEmbedding(nn.Module):
-    """Non-overlapping `p x p` patches of every frame, projected to `hidden_size` (tubelet size 1).
-
-    The weight is stored as a Conv3d with kernel `(1, p, p)` (the checkpoint layout); since the temporal kernel
-    is 1 the forward runs it as a Conv2d over all frames at once, which is the same math and avoids the slower
-    3-D convolution and a `(B, 3, T, S, S)` copy of the input.
-    """
+    """Non-overlapping `p x p` patches of every frame, projected to `hidden_size`. The weight is a Conv3d with kernel
+    `(1, p, p)` (the checkpoint layout), run as a Conv2d over all frames: the same math without the slower 3-D
+    convolution and a `(B, 3, T, S, S)` copy of the input."""
 
     def __init__(self, hidden_size: int, patch_size: int, num_channels: int = 3):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv3d(
-            num_channels, hidden_size, kernel_size=(1, patch_size, patch_size), stride=(1, patch_size, patch_size)
-        )
+        kernel = (1, patch_size, patch_size)
+        self.proj = nn.Conv3d(num_channels, hidden_size, kernel_size=kernel, stride=kernel)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(B, T, 3, S, S)` -> `(B, T * (S/p)^2, C)`, tokens ordered (frame, row, column)."""
@@ -170,22 +148,14 @@ class UMTAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(hidden_size))
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def _use_flash(self, hidden_states: torch.Tensor) -> bool:
-        return (
-            self.attn_implementation == "flash_attention_2"
-            and flash_attn_func is not None
-            and hidden_states.is_cuda
-            and hidden_states.dtype in (torch.float16, torch.bfloat16)
-        )
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`(B, N, C)` -> `(B, N, C)`."""
+        """`(B, N, C)` -> `(B, N, C)`; flash-attn runs only where it can (fp16/bf16 on CUDA), else sdpa."""
         batch_size, seq_len, hidden_size = hidden_states.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = run_linear(self.qkv, hidden_states, extra_bias=qkv_bias)
         qkv = qkv.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
-
-        if self._use_flash(hidden_states):
+        use_flash = self.attn_implementation == "flash_attention_2" and flash_attn_func is not None
+        if use_flash and hidden_states.is_cuda and hidden_states.dtype in (torch.float16, torch.bfloat16):
             query, key, value = qkv.unbind(2)  # (B, N, H, D) each: flash-attn's layout
             attn_output = flash_attn_func(query, key, value, softmax_scale=self.scale, causal=False)
         else:
@@ -196,7 +166,6 @@ class UMTAttention(nn.Module):
             else:
                 attn_output = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
             attn_output = attn_output.transpose(1, 2)  # (B, N, H, D)
-
         return run_linear(self.proj, attn_output.reshape(batch_size, seq_len, hidden_size))
 
 
@@ -226,25 +195,15 @@ class UMTBlock(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`(B, N, C)` -> `(B, N, C)`. Takes the hidden states positionally (gradient checkpointing needs it)."""
         hidden_states = hidden_states + self.attn(self.norm1(hidden_states))
-        hidden_states = hidden_states + self.mlp(self.norm2(hidden_states))
-        return hidden_states
+        return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
 # ---------------------------------------------------------------------------------------------- encoder
 class UMTEncoder(nn.Module):
     """Patch embedding + fixed positions + the built blocks + final LayerNorm."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_blocks: int,
-        num_attention_heads: int,
-        patch_size: int,
-        image_size: int,
-        num_frames: int,
-        mlp_ratio: float,
-        attn_implementation: str,
-    ):
+    def __init__(self, hidden_size: int, num_blocks: int, num_attention_heads: int, patch_size: int, image_size: int,
+                 num_frames: int, mlp_ratio: float, attn_implementation: str):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -284,16 +243,12 @@ class UMTEncoder(nn.Module):
         num_frames, height, width = pixel_values.shape[1], pixel_values.shape[-2], pixel_values.shape[-1]
         if height != self.image_size or width != self.image_size:
             raise ValueError(f"frames must be {self.image_size}x{self.image_size} pixels, got {height}x{width}")
-        if num_frames == 1:
-            kind = "image"
-        elif num_frames == self.num_frames:
-            kind = "video"
-        else:
+        if num_frames not in (1, self.num_frames):
             raise ValueError(
                 f"got clips of {num_frames} frames: the video position table is built for {self.num_frames}-frame "
                 "clips (mm_local_num_frames); pass single frames (T=1) or clips of exactly that length"
             )
-
+        kind = "image" if num_frames == 1 else "video"
         hidden_states = self.patch_embed(pixel_values)
         hidden_states = hidden_states + self.position_table(kind, hidden_states.device, hidden_states.dtype)
         for block in self.blocks:
@@ -313,34 +268,17 @@ class UMTVisionTransformer(nn.Module):
 
 
 class UMTVisionTower(nn.Module):
-    """UMT ViT feature extractor used by VideoChat-Flash.
+    """UMT ViT feature extractor of VideoChat-Flash (ViT-L: width 1024, 24 layers, 16 heads; 224 or 448 px frames).
 
-    Args:
-        hidden_size: token width (1024 for ViT-L).
-        num_hidden_layers: nominal depth of the pretrained ViT (24 for ViT-L).
-        num_attention_heads: attention heads (16 for ViT-L).
-        patch_size: square patch side in pixels.
-        image_size: frame side in pixels (224 or 448 for the released checkpoints).
-        num_frames: clip length the video position table is built for (`mm_local_num_frames`, 4).
-        select_layer: which block's output is returned, Python-index style over the nominal depth; only
-            `num_hidden_layers + select_layer + 1` blocks are built (the rest would never run).
-        mlp_ratio: MLP width / hidden size.
-        attn_implementation: `"sdpa"` (default), `"eager"`, or `"flash_attention_2"` (used when flash-attn is
-            installed and the input is fp16/bf16 on CUDA, otherwise sdpa).
+    `num_frames` is the clip length of the video position table (`mm_local_num_frames`). `select_layer` picks the
+    returned block Python-style over the nominal `num_hidden_layers`; only the blocks up to it are built (24 layers
+    with -2: 23 blocks, then `vision_layernorm`). `attn_implementation`: "sdpa", "eager" or "flash_attention_2".
+    Raises ValueError for a bad `select_layer`, `num_frames` or `attn_implementation`.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_hidden_layers: int,
-        num_attention_heads: int,
-        patch_size: int = 16,
-        image_size: int = 224,
-        num_frames: int = 4,
-        select_layer: int = -2,
-        mlp_ratio: float = 4.0,
-        attn_implementation: str = "sdpa",
-    ):
+    def __init__(self, hidden_size: int, num_hidden_layers: int, num_attention_heads: int, patch_size: int = 16,
+                 image_size: int = 224, num_frames: int = 4, select_layer: int = -2, mlp_ratio: float = 4.0,
+                 attn_implementation: str = "sdpa"):
         super().__init__()
         num_blocks = num_hidden_layers + select_layer + 1
         if not (select_layer < 0 and num_blocks > 0):
@@ -352,19 +290,12 @@ class UMTVisionTower(nn.Module):
             raise ValueError(f"num_frames must be positive, got {num_frames}")
         self._check_attn_implementation(attn_implementation)
         self.hidden_size = hidden_size
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_frames = num_frames
         self.num_blocks = num_blocks
         self.intermediate_size = int(hidden_size * mlp_ratio)
+        self.num_patches_per_frame = (image_size // patch_size) ** 2
         self.vision_tower = UMTVisionTransformer(
-            hidden_size=hidden_size,
-            num_blocks=num_blocks,
-            num_attention_heads=num_attention_heads,
-            patch_size=patch_size,
-            image_size=image_size,
-            num_frames=num_frames,
-            mlp_ratio=mlp_ratio,
+            hidden_size=hidden_size, num_blocks=num_blocks, num_attention_heads=num_attention_heads,
+            patch_size=patch_size, image_size=image_size, num_frames=num_frames, mlp_ratio=mlp_ratio,
             attn_implementation=attn_implementation,
         )
 
@@ -382,21 +313,11 @@ class UMTVisionTower(nn.Module):
             if isinstance(module, UMTAttention):
                 module.attn_implementation = attn_implementation
 
-    @property
-    def num_patches_per_frame(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
     def position_table(self, kind: str, device=None, dtype=torch.float32) -> torch.Tensor:
         """The fixed `(1, N, C)` position table added for `kind="video"` or `kind="image"` inputs."""
         return self.vision_tower.encoder.position_table(kind, device, dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encode clips or single frames.
-
-        Args:
-            pixel_values: `(B, T, 3, S, S)` normalised pixels; `T == 1` is an image (image position table),
-                `T == num_frames` a clip (video position table).
-        Returns:
-            `(B, T * L, C)` features, `L = (S / patch_size)^2`, tokens ordered (frame, row, column).
-        """
+        """`(B, T, 3, S, S)` normalised pixels (T = 1: images, T = `num_frames`: clips) -> `(B, T * (S/p)^2, C)`
+        features ordered (frame, row, column). Raises ValueError for other shapes."""
         return self.vision_tower(pixel_values)

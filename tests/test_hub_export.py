@@ -1,5 +1,5 @@
-"""Hub folders: export (loaded in a fresh process where this package is not importable), the pipelines, and
-conversion of original-format checkpoints (golden logits)."""
+"""hub_export: Hub folders (exported and loaded in a fresh process where this package is not importable; their size
+and shape), conversion of original-format checkpoints (golden logits), model lookup."""
 
 import hashlib
 import json
@@ -168,23 +168,6 @@ def test_exported_folder_loads_in_a_fresh_process(exported, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_video_text_to_text_pipeline_inputs(exported):
-    from transformers import pipeline
-
-    pipe = pipeline("video-text-to-text", model=str(exported["folder"]), trust_remote_code=True)
-    assert pipeline(model=str(exported["folder"]), trust_remote_code=True).task == "video-text-to-text"
-    video = exported["video"]
-    single = pipe(video, QUESTION, max_new_tokens=6)
-    assert single == pipe({"video": video, "text": QUESTION}, max_new_tokens=6)
-    chat = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": QUESTION}]}]
-    full = pipe(chat, max_new_tokens=6, return_full_text=True)[0]["generated_text"]
-    assert full[:-1] == chat and full[-1] == {"role": "assistant", "content": single[0]["generated_text"]}
-    several = pipe([video, video], [QUESTION, "Another question?"], max_new_tokens=6, max_num_frames=8)
-    assert len(several) == 2 and all(isinstance(r[0]["generated_text"], str) for r in several)
-    with pytest.raises(TypeError, match="unexpected"):
-        pipe(video, QUESTION, not_an_option=1)
-
-
 # ------------------------------------------------------------------------------------------------ convert
 @pytest.fixture(scope="module")
 def original_folder(tmp_path_factory):
@@ -264,3 +247,47 @@ def test_unknown_models_give_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="safetensors"):
         (tmp_path / "config.json").write_text("{}")
         convert_original_checkpoint(tmp_path, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------ the shipped code
+def test_hub_code_is_small_flat_and_acyclic(exported):
+    """The .py files of a Hub folder: at most 3,000 lines, no function over 80 lines, flat single-dot relative
+    imports of sibling files only; and no import cycle among this package's modules."""
+    import ast
+
+    files = sorted(exported["folder"].glob("*.py"))
+    assert {path.name for path in files} == set(CODE_FILES.values())
+    lengths = {path.name: len(path.read_text().splitlines()) for path in files}
+    longest = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                longest.append((node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}"))
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and (exported["folder"] / f"{node.module}.py").is_file(), (path.name, node.module)
+    print(f"\nHub code: {sum(lengths.values())} lines in {len(files)} files; longest function {max(longest)}")
+    assert sum(lengths.values()) <= 3000, lengths
+    assert max(longest)[0] <= 80, sorted(longest)[-5:]
+
+    graph = {}  # each module of the package (dotted, relative to the repo root) -> the package modules it imports
+    for path in [*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("vision_tower/*.py")]:
+        module = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+        graph[module] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module:
+                package = module.split(".")[: len(module.split(".")) - node.level]
+                graph[module].add(".".join([*package, node.module]))
+    state = {}
+
+    def visit(module, stack):
+        assert state.get(module) != "open", "import cycle: " + " -> ".join([*stack, module])
+        if state.get(module) is None and module in graph:
+            state[module] = "open"
+            for target in sorted(graph[module]):
+                visit(target, [*stack, module])
+            state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert {"chat_videochat_flash", "configuration_videochat_flash"} <= graph["modeling_videochat_flash"]
