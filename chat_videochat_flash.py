@@ -21,16 +21,15 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .configuration_videochat_flash import CACHE_KWARG
+from .configuration_videochat_flash import CACHE_KWARG, DEFAULT_MAX_NEW_TOKENS
 from .frame_sampling import time_message
 from .processing_videochat_flash import MEDIA_MARKER, VideoChatFlashProcessor, VideoChatFlashVideoProcessor
-from .processing_videochat_flash import media_blocks
+from .processing_videochat_flash import IM_END, media_blocks
 from .streaming_videochat_flash import encode_video_streaming
 
 __all__ = ["VideoChatFlashChatMixin", "normalize_role"]
 
 ORIGINAL_ROLE_PREFIX = "<|im_start|>"
-DEFAULT_MAX_NEW_TOKENS = 1024  # the original model card's setting, used when nothing else sets a length
 SAMPLING_ONLY_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 READ_TYPES = {"decord": "decord", "pyav": "pyav", "av": "pyav", None: None}  # media_dict["video_read_type"]
 
@@ -172,7 +171,7 @@ class VideoChatFlashChatMixin:
         if "max_new_tokens" not in kwargs and "max_length" not in kwargs and defaults.max_new_tokens is None:
             kwargs["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         if "eos_token_id" not in kwargs and defaults.eos_token_id is None:
-            kwargs["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
+            kwargs["eos_token_id"] = tokenizer.convert_tokens_to_ids(IM_END)
         if "pad_token_id" not in kwargs and defaults.pad_token_id is None:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
         return kwargs

@@ -24,6 +24,8 @@ DEFAULT_PLACEHOLDER_IDS = {152064: (151646, 151647), 151936: (151656, 151655)}
 # (a light import; the signature of Qwen2Model.forward would need the whole modeling module); a test checks both agree.
 CACHE_KWARG = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
 
+# The original model card's answer length: what generate() gets when nothing else sets one (chat(), Hub folders).
+DEFAULT_MAX_NEW_TOKENS = 1024
 LLM_COMPRESS_TYPES = ("attention", "uniform", "uniform0_attention", "uniform1_attention")
 
 

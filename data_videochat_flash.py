@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .frame_sampling import FrameSampling
-from .processing_videochat_flash import DEFAULT_SYSTEM_PROMPT, MEDIA_MARKER, media_blocks
+from .processing_videochat_flash import DEFAULT_SYSTEM_PROMPT, IM_END, MEDIA_MARKER, media_blocks
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -151,7 +151,7 @@ def labels_from_assistant_mask(input_ids: list[int], mask: list[int], tokenizer,
     ``train_on_turn_newline=False`` leaves the newline after each answer's ``<|im_end|>`` out; ``label_mode="original"``
     adds each assistant header and every ``<|im_start|>``, ``<|im_end|>`` and lone newline token (``preprocess_qwen``).
     """
-    im_start, im_end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_start, im_end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids(IM_END)
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     trained = [bool(flag) for flag in mask]
     if not train_on_turn_newline:

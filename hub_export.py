@@ -67,9 +67,7 @@ CUSTOM_PIPELINES = {
     }
 }
 DEFAULT_MAX_SHARD_SIZE = "4GB"
-DEFAULT_MAX_NEW_TOKENS = 1024
 TINY_MAX_NEW_TOKENS = 48
-IM_END = "<|im_end|>"
 
 
 class ModelUnavailableError(RuntimeError):
@@ -116,6 +114,8 @@ def _update_json(path: Path, **updates) -> dict:
 
 
 def _special_ids(processor) -> dict[str, int]:
+    from .processing_videochat_flash import IM_END  # imported here: the CLI starts without the model code
+
     tokenizer = processor.tokenizer
     eos = tokenizer.convert_tokens_to_ids(IM_END)
     if eos is None or eos == tokenizer.unk_token_id:
@@ -144,6 +144,8 @@ def write_generation_config(destination, processor, base=None, **overrides) -> N
     import copy
 
     from transformers import GenerationConfig
+
+    from .configuration_videochat_flash import DEFAULT_MAX_NEW_TOKENS
 
     config = copy.deepcopy(base) if base is not None else GenerationConfig()
     ids = _special_ids(processor)
@@ -288,7 +290,7 @@ def make_tiny_folder(destination, seed: int = 0, max_shard_size: str | int = DEF
 
     model = build_tiny_model(seed)
     processor = tiny_processor()
-    eos = processor.tokenizer.convert_tokens_to_ids(IM_END)
+    eos = _special_ids(processor)["eos_token_id"]
     allowed = {ord(c) for c in " 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"} | {eos}
     suppress = [i for i in range(model.config.vocab_size) if i not in allowed]
     return export_hub_folder(

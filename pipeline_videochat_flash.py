@@ -19,9 +19,6 @@ from transformers import GenerationConfig, Pipeline
 
 __all__ = ["VideoTextToTextPipeline"]
 
-PROCESSOR_KWARGS = ("max_num_frames", "num_frames", "fps", "video_backend")
-
-
 @dataclass
 class _Conversation:
     """One chat, kept whole through the pipeline's batching; `question` is what ``input_text`` reports."""
@@ -75,7 +72,10 @@ class VideoTextToTextPipeline(Pipeline):
     def _sanitize_parameters(self, max_new_tokens=None, generate_kwargs=None, return_full_text=None,
                              skip_special_tokens=None, processor_kwargs=None, **kwargs):
         processor_kwargs = dict(processor_kwargs or {})
-        processor_kwargs.update({key: kwargs.pop(key) for key in PROCESSOR_KWARGS if key in kwargs})
+        # what the video processor takes (frame sampling: max_num_frames, num_frames, fps, video_backend, ...)
+        video_kwargs = getattr(getattr(self.processor, "video_processor", None), "valid_kwargs", None)
+        processor_kwargs.update({key: kwargs.pop(key) for key in getattr(video_kwargs, "__annotations__", {})
+                                 if key in kwargs})
         generation_keys = {key for key in vars(GenerationConfig()) if not key.startswith("_")}
         generate_kwargs = {**{key: kwargs.pop(key) for key in list(kwargs) if key in generation_keys},
                            **dict(generate_kwargs or {})}

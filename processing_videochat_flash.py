@@ -48,6 +48,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+IM_END = "<|im_end|>"  # ends every ChatML turn: the eos of generation
 MEDIA_MARKER = "<image>"  # how the original's conversations (chat history, LLaVA training data) mark a video/image slot
 
 # ChatML as the original `qwen_2` conversation template renders it: a system turn (the default unless a leading

@@ -26,6 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .data_videochat_flash import VideoChatFlashDataCollator, VideoChatFlashTrainingDataset, load_records
 from .frame_sampling import FrameSampling
 from .hub_export import make_hub_loadable, resolve_model
+from .processing_videochat_flash import DEFAULT_SYSTEM_PROMPT
 
 MODEL_PARTS = ("vision_tower", "projector", "llm")
 # LoRA on the Qwen2 attention and MLP projections only: a full-match regex anchored on `model.layers.N.`, so the
@@ -77,7 +78,7 @@ class DataArguments:
     frames_lowbound: int = 64
     local_num_frames: int = 4
     time_msg: str | None = "short"
-    system_message: str = "You are a helpful assistant."
+    system_message: str = DEFAULT_SYSTEM_PROMPT
     label_mode: str = field(default="answers", metadata={"help": "answers or original (preprocess_qwen)"})
     train_on_turn_newline: bool = True
     model_max_length: int | None = 32768

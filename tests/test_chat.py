@@ -2,12 +2,10 @@
 all on the tiny random model and short generated videos."""
 
 import os
-import threading
 
 import pytest
 import torch
 from media import encode, pattern
-from transformers import TextIteratorStreamer
 
 from videochat_flash.hub_export import make_tiny_folder
 from videochat_flash.tiny_model import tiny_processor
@@ -152,40 +150,6 @@ def test_original_style_history_and_generation_config(model, processor, videos):
         model.chat(videos["main"], tokenizer, QUESTION, media_dict={"video_read_type": "decord", "start": 0, "end": 1})
     with pytest.raises(ValueError, match="<image>"):
         model.chat(videos["main"], tokenizer, QUESTION, chat_history=[{"role": "user", "content": "no video"}])
-
-
-def test_streaming_yields_text_in_pieces(model, processor, videos):
-    inputs = processor.apply_chat_template(video_messages(videos["main"]), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True, return_tensors="pt")
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    thread = threading.Thread(target=model.generate, kwargs={**inputs, "streamer": streamer, "max_new_tokens": 24})
-    thread.start()
-    pieces = [piece for piece in streamer if piece]
-    thread.join()
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=24)
-    expected = processor.tokenizer.decode(new_tokens(output, inputs)[0], skip_special_tokens=True)
-    print(f"\nstreamed {len(pieces)} pieces: {pieces}")
-    assert len(pieces) >= 3
-    assert "".join(pieces) == expected
-
-
-def test_batch_of_three_videos_equals_single_runs(model, processor, videos):
-    questions = ["What is moving?", "Describe the colours of this short clip.", "Why?"]
-    conversations = [video_messages(videos[key], q) for key, q in zip("abc", questions)]
-    batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                          return_tensors="pt")
-    assert batch["video_frame_counts"].tolist() == [8, 16, 24]
-    with torch.no_grad():
-        batched = new_tokens(model.generate(**batch, max_new_tokens=12), batch)
-    for row, conversation in enumerate(conversations):
-        single = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt")
-        with torch.no_grad():
-            alone = new_tokens(model.generate(**single, max_new_tokens=12), single)[0]
-        got = batched[row][: alone.shape[0]]
-        assert torch.equal(got, alone), (row, got.tolist(), alone.tolist())
-    print(f"\nbatch of 3 videos ({batch['input_ids'].shape[1]} tokens padded) = 3 single runs")
 
 
 # ----------------------------------------------------------------------------------------------------------------

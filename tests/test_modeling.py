@@ -2,9 +2,9 @@
 
 In-LLM token dropping is tested in test_token_dropping.py (with the helpers of this file)."""
 
-import inspect
 import json
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, golden_path
-from videochat_flash.configuration_videochat_flash import CACHE_KWARG, VideoChatFlashConfig
+from media import encode
+from transformers import TextIteratorStreamer
+
+from videochat_flash.configuration_videochat_flash import VideoChatFlashConfig
+from videochat_flash.hub_export import make_tiny_folder
 from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM, VideoChatFlashModel
-from videochat_flash.tiny_model import TINY_SPECIAL_IDS, build_tiny_model
+from videochat_flash.tiny_model import TINY_SPECIAL_IDS, build_tiny_model, tiny_processor
 
 GOLDEN_VIDEO_TOKEN_ID = 259  # the id the processor gives its video placeholder in the byte-level tokenizer
 
@@ -181,14 +185,6 @@ def test_flat_video_layout_with_frame_counts(tiny):
         assert torch.equal(a, b)
 
 
-def test_cache_kwarg_is_the_name_transformers_uses():
-    """CACHE_KWARG is read from an output class; the model passes it to Qwen2 decoder layers and returns it."""
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
-
-    for forward in (Qwen2Model.forward, Qwen2DecoderLayer.forward):
-        assert CACHE_KWARG in inspect.signature(forward).parameters
-
-
 def test_errors_name_the_numbers(tiny):
     ids, frames = make_sample(8, 2, 2, seed=0)
     with pytest.raises(ValueError, match=r"128 video tokens.*64 visual tokens"):
@@ -319,20 +315,6 @@ def test_original_format_folder_loads_with_auto_class(tmp_path):
     assert (logits - tensors["output.prefill_logits"]).abs().max().item() < 1e-4
 
 
-def test_config_round_trip_keeps_original_and_unknown_fields(tmp_path):
-    spec = json.loads(golden_path("keys_VideoChat-Flash-Qwen2-7B_res448.json").read_text())
-    config = VideoChatFlashConfig(**spec["config_used"], some_future_field={"kept": True})
-    assert config.vision_config == {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                                    "patch_size": 16, "image_size": 448}
-    assert config.some_future_field == {"kept": True} and config.image_grid_pinpoints[0] == [448, 448]
-    assert (config.video_token_id, config.image_token_id) == (151646, 151647)
-    config.save_pretrained(tmp_path)
-    reloaded = VideoChatFlashConfig.from_pretrained(tmp_path)
-    assert reloaded.to_dict() == config.to_dict()
-    tiny = VideoChatFlashConfig(mm_vision_tower="umt-large", vision_config={"hidden_size": 32, "num_hidden_layers": 3})
-    assert tiny.vision_config["image_size"] == 224 and tiny.mm_hidden_size == 32
-
-
 def test_eager_reaches_the_vision_tower_and_device_map_auto_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -376,3 +358,66 @@ def test_clips_per_tower_call_follow_device_dtype_and_tower_size(monkeypatch):
     assert build_tiny_model().model.clips_per_tower_call == 16
     on_meta.vision_clips_per_batch = 3
     assert on_meta.clips_per_tower_call == 3
+
+
+# ------------------------------------------------------------------------------------------------ generate
+@pytest.fixture(scope="module")
+def tiny_folder_model(tmp_path_factory):
+    """The tiny model as a Hub folder gives it (its generation config included)."""
+    return VideoChatFlashForCausalLM.from_pretrained(make_tiny_folder(tmp_path_factory.mktemp("tiny") / "m")).eval()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")  # 8 fps: 8, 16 and 24 frames give 8, 16 and 24 sampled frames
+    return {"main": encode(folder / "main.mp4", 16, fps=8), "a": encode(folder / "a.mp4", 8, fps=8, w=48, h=32),
+            "b": encode(folder / "b.mp4", 16, fps=8, w=64, h=48), "c": encode(folder / "c.mp4", 24, fps=8, w=80, h=64)}
+
+
+def video_messages(path, question="What is moving in the video?"):
+    return [{"role": "user", "content": [{"type": "video", "path": str(path)}, {"type": "text", "text": question}]}]
+
+
+def new_tokens(output, inputs):
+    return output[:, inputs["input_ids"].shape[1] :]
+
+
+def test_streaming_yields_text_in_pieces(tiny_folder_model, processor, videos):
+    model = tiny_folder_model
+    inputs = processor.apply_chat_template(video_messages(videos["main"]), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    thread = threading.Thread(target=model.generate, kwargs={**inputs, "streamer": streamer, "max_new_tokens": 24})
+    thread.start()
+    pieces = [piece for piece in streamer if piece]
+    thread.join()
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=24)
+    expected = processor.tokenizer.decode(new_tokens(output, inputs)[0], skip_special_tokens=True)
+    print(f"\nstreamed {len(pieces)} pieces: {pieces}")
+    assert len(pieces) >= 3
+    assert "".join(pieces) == expected
+
+
+def test_batch_of_three_videos_equals_single_runs(tiny_folder_model, processor, videos):
+    model = tiny_folder_model
+    questions = ["What is moving?", "Describe the colours of this short clip.", "Why?"]
+    conversations = [video_messages(videos[key], q) for key, q in zip("abc", questions)]
+    batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+    assert batch["video_frame_counts"].tolist() == [8, 16, 24]
+    with torch.no_grad():
+        batched = new_tokens(model.generate(**batch, max_new_tokens=12), batch)
+    for row, conversation in enumerate(conversations):
+        single = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            alone = new_tokens(model.generate(**single, max_new_tokens=12), single)[0]
+        got = batched[row][: alone.shape[0]]
+        assert torch.equal(got, alone), (row, got.tolist(), alone.tolist())
+    print(f"\nbatch of 3 videos ({batch['input_ids'].shape[1]} tokens padded) = 3 single runs")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, golden_path
+from conftest import golden_path
 from safetensors.torch import load_file
 
 from videochat_flash.processing_videochat_flash import (

@@ -1,0 +1,48 @@
+"""configuration_videochat_flash: original config.json fields and unknown ones kept, tower dims, placeholder ids,
+the dropping settings' checks, and the one cache-argument constant."""
+
+import inspect
+import json
+
+import pytest
+
+from conftest import golden_path
+from videochat_flash.configuration_videochat_flash import CACHE_KWARG, VideoChatFlashConfig
+
+
+def test_config_round_trip_keeps_original_and_unknown_fields(tmp_path):
+    spec = json.loads(golden_path("keys_VideoChat-Flash-Qwen2-7B_res448.json").read_text())
+    config = VideoChatFlashConfig(**spec["config_used"], some_future_field={"kept": True})
+    assert config.vision_config == {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                    "patch_size": 16, "image_size": 448}
+    assert config.some_future_field == {"kept": True} and config.image_grid_pinpoints[0] == [448, 448]
+    assert (config.video_token_id, config.image_token_id) == (151646, 151647)
+    config.save_pretrained(tmp_path)
+    reloaded = VideoChatFlashConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()
+    tiny = VideoChatFlashConfig(mm_vision_tower="umt-large", vision_config={"hidden_size": 32, "num_hidden_layers": 3})
+    assert tiny.vision_config["image_size"] == 224 and tiny.mm_hidden_size == 32
+
+
+def test_cache_kwarg_is_the_name_transformers_uses():
+    """CACHE_KWARG is read from an output class; the model passes it to Qwen2 decoder layers and returns it."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
+
+    for forward in (Qwen2Model.forward, Qwen2DecoderLayer.forward):
+        assert CACHE_KWARG in inspect.signature(forward).parameters
+
+
+def test_settings_are_checked_with_clear_errors():
+    with pytest.raises(ValueError, match="unknown mm_vision_tower"):
+        VideoChatFlashConfig(mm_vision_tower="clip-large")
+    with pytest.raises(ValueError, match="mm_projector_type"):
+        VideoChatFlashConfig(mm_projector_type="mlp2x_gelu")
+    with pytest.raises(ValueError, match="mm_hidden_size"):
+        VideoChatFlashConfig(mm_hidden_size=512)
+    config = VideoChatFlashConfig(num_hidden_layers=4, mm_llm_compress=True, llm_compress_layer_list=[4],
+                                  llm_image_token_ratio_list=[1, 0.5])
+    with pytest.raises(ValueError, match="llm_compress_layer_list"):
+        config.validate_token_dropping()
+    config.llm_compress_layer_list, config.llm_image_token_ratio_list = [2], [1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="one more entry"):
+        config.validate_token_dropping()
