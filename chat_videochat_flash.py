@@ -4,12 +4,11 @@
                                       max_num_frames=512, generation_config={"max_new_tokens": 256})
     output, chat_history = model.chat(video_path, tokenizer, "And then?", chat_history=chat_history)
 
-Same arguments, return values and prompt as the original (the first user turn is ``"<image>\\n" + time message +
-" " + question``), rendered by the processor's chat template like every other prompt. Beyond the original: a video's
-tokens come from ``encode_video_streaming`` (chunk by chunk, so ``max_num_frames`` can be 10,000) and are kept for
-later turns on the same file; a follow-up reuses the previous turn's KV cache and runs only the tokens after the
-common prefix (not with in-LLM token dropping, which ranks the visual tokens by each question); roles may be
-``"user"``/``"assistant"`` or the original's ``"<|im_start|>user"``; any device and dtype.
+Same arguments, return values and prompt as the original (the first user turn is ``"<image>"`` + the time message +
+the question), rendered by the processor's chat template. Beyond it: the tokens of a video come from
+``encode_video_streaming`` (chunk by chunk: ``max_num_frames`` can be 10,000) and are kept for later turns on the same
+file; a follow-up reuses the previous turn's KV cache past the common prefix (not with in-LLM token dropping, which
+ranks the visual tokens by each question); roles may be ``"user"`` or the original's ``"<|im_start|>user"``.
 """
 
 from __future__ import annotations
@@ -19,13 +18,12 @@ from collections import OrderedDict
 
 import torch
 from transformers import DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .configuration_videochat_flash import CACHE_KWARG, DEFAULT_MAX_NEW_TOKENS
-from .frame_sampling import time_message
-from .processing_videochat_flash import MEDIA_MARKER, VideoChatFlashProcessor, VideoChatFlashVideoProcessor
-from .processing_videochat_flash import IM_END, media_blocks
-from .streaming_videochat_flash import encode_video_streaming
+from .configuration_videochat_flash import CACHE_KWARG, DEFAULT_MAX_NEW_TOKENS, IM_END, MEDIA_MARKER
+from .frame_sampling import FrameSampling, time_message
+
+# The processor side (processing, streaming: Pillow, the video decoders) is imported where chat() uses it, so that
+# the model's own module imports none of it.
 
 __all__ = ["VideoChatFlashChatMixin", "normalize_role"]
 
@@ -58,8 +56,9 @@ class VideoChatFlashChatMixin:
     chat_reuse_prefix = True  # keep the previous turn's KV cache and reuse its common prefix with the next prompt
 
     def chat(self, video_path, tokenizer, user_prompt: str, chat_history: list[dict] | None = None,
-             return_history: bool = True, max_num_frames: int = 512, media_dict: dict | None = None,
-             generation_config: dict | None = None, *, processor=None, progress: bool = False):
+             return_history: bool = True, max_num_frames: int = FrameSampling.max_num_frames,
+             media_dict: dict | None = None, generation_config: dict | None = None, *, processor=None,
+             progress: bool = False):
         """Answer `user_prompt` about the video at `video_path` (the original VideoChat-Flash ``chat()``).
 
         `video_path` is a file or decoded frames (the processor's rule for them; not cached); `chat_history` the turns
@@ -77,9 +76,9 @@ class VideoChatFlashChatMixin:
         if history:
             content = user_prompt
         else:
-            message = time_message(metadata.duration, metadata.num_frames).strip() if metadata.duration else ""
-            # without a known duration there is no time message: the question follows the video, as the processor has it
-            content = f"{MEDIA_MARKER}\n{message} {user_prompt}" if message else f"{MEDIA_MARKER}{user_prompt}"
+            # "<image>" + "\nThe video lasts ... from it. " + question, as the processor has it (no duration, no message)
+            message = time_message(metadata.duration, metadata.num_frames) if metadata.duration else ""
+            content = f"{MEDIA_MARKER}{message}{user_prompt}"
         turns = [*history, {"role": "user", "content": content}]
         input_ids = self._chat_prompt_ids(processor, turns, metadata)
         answer = self._chat_answer(input_ids, features, generation_config, processor.tokenizer)
@@ -93,8 +92,10 @@ class VideoChatFlashChatMixin:
         self._chat_feature_cache = OrderedDict()
         self._chat_prefix_state = None
 
-    def _chat_processor(self, tokenizer) -> VideoChatFlashProcessor:
+    def _chat_processor(self, tokenizer):
         """A processor for `tokenizer` and this model's frame size, built once per tokenizer."""
+        from .processing_videochat_flash import VideoChatFlashProcessor, VideoChatFlashVideoProcessor
+
         cached = getattr(self, "_chat_processor_cache", None)
         if cached is not None and cached[0] is tokenizer:
             return cached[1]
@@ -111,13 +112,15 @@ class VideoChatFlashChatMixin:
 
     def _chat_video_tokens(self, video, processor, max_num_frames, backend, progress):
         """``(tokens (16 * T, hidden), metadata)`` of one video, kept per file for follow-up questions."""
+        from .streaming_videochat_flash import encode_video_streaming
+
         if getattr(self, "_chat_feature_cache", None) is None:
             self.clear_chat_cache()
         cache, key = self._chat_feature_cache, None
         if isinstance(video, (str, os.PathLike)) and os.path.exists(video):
-            stat = os.stat(video)
-            size = processor.video_processor.size
-            key = (os.path.realpath(video), stat.st_mtime_ns, stat.st_size, max_num_frames, backend, size["height"])
+            stat = os.stat(video)  # the file as it is now, and every setting of the processor that made the tokens
+            key = (os.path.realpath(video), stat.st_mtime_ns, stat.st_size, max_num_frames, backend,
+                   processor.video_processor.to_json_string())
             if key in cache:
                 cache.move_to_end(key)
                 return cache[key]
@@ -132,6 +135,8 @@ class VideoChatFlashChatMixin:
     def _chat_prompt_ids(self, processor, turns: list[dict], metadata) -> torch.Tensor:
         """`(1, L)` ids of the conversation, rendered by the processor's chat template. The video sits where the first
         user turn has its ``<image>``; the time message is already in that turn's text, as in the original."""
+        from .processing_videochat_flash import media_blocks
+
         messages, video_placed = [], False
         for turn in turns:
             role, content = normalize_role(turn["role"]), turn["content"]
@@ -146,6 +151,8 @@ class VideoChatFlashChatMixin:
         return processor.tokenizer(text, return_tensors="pt")["input_ids"]
 
     def _chat_answer(self, input_ids, features, generation_config, tokenizer) -> str:
+        from .streaming_videochat_flash import as_mm_encoder_outputs
+
         kwargs = self._chat_generate_kwargs(generation_config, tokenizer)
         cache, reused = self._chat_prefix_cache(input_ids, features, kwargs)
         if cache is not None:
@@ -153,7 +160,7 @@ class VideoChatFlashChatMixin:
         embeddings = self.get_input_embeddings().weight
         if reused == 0:  # with a reused prefix the video is already in the cache
             video = features.to(device=embeddings.device, dtype=embeddings.dtype)
-            kwargs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=(video,))}
+            kwargs["mm_encoder_outputs"] = as_mm_encoder_outputs(video)
         input_ids = input_ids.to(embeddings.device)
         with torch.inference_mode():
             output_ids = self.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)

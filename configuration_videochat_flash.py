@@ -26,6 +26,8 @@ CACHE_KWARG = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithP
 
 # The original model card's answer length: what generate() gets when nothing else sets one (chat(), Hub folders).
 DEFAULT_MAX_NEW_TOKENS = 1024
+MEDIA_MARKER = "<image>"  # marks a video/image slot in the original's conversations (chat history, training records)
+IM_END = "<|im_end|>"  # ends every ChatML turn: the eos of generation
 LLM_COMPRESS_TYPES = ("attention", "uniform", "uniform0_attention", "uniform1_attention")
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from .frame_sampling import FrameSampling
-from .processing_videochat_flash import DEFAULT_SYSTEM_PROMPT, IM_END, MEDIA_MARKER, media_blocks
+from .configuration_videochat_flash import IM_END, MEDIA_MARKER
+from .processing_videochat_flash import DEFAULT_SYSTEM_PROMPT, media_blocks
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

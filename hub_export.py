@@ -3,14 +3,15 @@
 A Hub folder holds everything ``from_pretrained(..., trust_remote_code=True)`` needs, flat:
 
 * ``config.json`` with ``auto_map`` (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText ->
-  ``VideoChatFlashForCausalLM``; AutoProcessor, AutoVideoProcessor) and ``custom_pipelines["video-text-to-text"]``;
+  ``VideoChatFlashForCausalLM``; AutoProcessor, AutoImageProcessor, AutoVideoProcessor) and
+  ``custom_pipelines["video-text-to-text"]``;
 * ``generation_config.json`` (eos = ``<|im_end|>``, pad), sharded ``*.safetensors`` (+ index);
 * the processor files (``processor_config.json``, tokenizer files, ``chat_template.jinja``);
 * the code files, flat (see :data:`CODE_FILES`), and a model card ``README.md``.
 
 transformers' dynamic-module loader copies only files that the entry file reaches through single-dot relative
 imports of sibling files (``from .name import X`` -> ``name.py``), so the ``vision_tower/`` package is flattened into
-``vision_tower_<module>.py`` files. Its modules import nothing from the repo, so they are copied unchanged.
+``vision_tower_<module>.py`` files, their imports rewritten to match (:func:`flat_source`).
 
 Functions: :func:`export_hub_folder`, :func:`convert_original_checkpoint`, :func:`make_tiny_folder`,
 :func:`resolve_model` (a folder, a Hub id or ``"tiny"`` -> a loadable folder) and :func:`copy_code_files`.
@@ -44,11 +45,6 @@ CODE_FILES = {
 }
 
 DEFAULT_MODEL_ID = "OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448"
-PUBLISHED_CHECKPOINTS = (
-    "OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448",
-    "OpenGVLab/VideoChat-Flash-Qwen2-7B_res224",
-    "OpenGVLab/VideoChat-Flash-Qwen2-7B_res448",
-)
 MODEL_CLASS = "modeling_videochat_flash.VideoChatFlashForCausalLM"
 AUTO_MAP = {
     "AutoConfig": "configuration_videochat_flash.VideoChatFlashConfig",
@@ -114,7 +110,7 @@ def _update_json(path: Path, **updates) -> dict:
 
 
 def _special_ids(processor) -> dict[str, int]:
-    from .processing_videochat_flash import IM_END  # imported here: the CLI starts without the model code
+    from .configuration_videochat_flash import IM_END  # imported here: the CLI starts without the model code
 
     tokenizer = processor.tokenizer
     eos = tokenizer.convert_tokens_to_ids(IM_END)
@@ -395,7 +391,14 @@ def default_cache_dir() -> Path:
 
 
 def _looks_like_hub_id(value) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value) is not None
+    """An ``owner/name`` that huggingface_hub accepts as a repository id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except (HFValidationError, TypeError):
+        return False
+    return value.count("/") == 1
 
 
 def _build_once(target: Path, build) -> Path:

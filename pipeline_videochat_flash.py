@@ -19,6 +19,7 @@ from transformers import GenerationConfig, Pipeline
 
 __all__ = ["VideoTextToTextPipeline"]
 
+
 @dataclass
 class _Conversation:
     """One chat, kept whole through the pipeline's batching; `question` is what ``input_text`` reports."""

@@ -1,24 +1,11 @@
-"""Processors of VideoChat-Flash: pixels for the vision tower and the chat prompt, on transformers' ProcessorMixin.
+"""Pixels and prompts of VideoChat-Flash, on transformers' processor machinery (torchvision-free).
 
-* :class:`VideoChatFlashVideoProcessor`: a video (a file, or decoded frames) -> frames (:mod:`video_loading`,
-  sampled by the rules of :mod:`frame_sampling`) -> pixels: every frame resized to S x S with PIL bicubic on uint8
-  (aspect ratio not kept, no crop), x 1/255, ImageNet mean/std: bit-identical to the original ``UMTImageProcessor``.
-  :meth:`~VideoChatFlashVideoProcessor.iter_pixel_chunks` gives those pixels chunk by chunk (what
-  ``encode_video_streaming`` encodes); ``preprocess`` is one chunk of them.
-* :class:`VideoChatFlashImageProcessor`: still images -> pixels, through the same per-frame function.
-* :class:`VideoChatFlashProcessor`: both + a Qwen2 tokenizer + the ``qwen_2`` chat template. It only fills
-  ProcessorMixin's hooks: each ``<|video_pad|>`` becomes 16 tokens per frame followed by the original time message,
-  each ``<|image_pad|>`` 64 tokens; the model splices the visual features in their place.
-
-Typical use::
-
-    processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
-    messages = [{"role": "user", "content": [{"type": "video", "path": "clip.mp4"},
-                                             {"type": "text", "text": "What is moving in the video?"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", processor_kwargs={"max_num_frames": 512})
-
-Batches of prompts are padded on the LEFT (ready for ``generate``); pass ``padding_side="right"`` for training.
+The video processor turns a video (a file, or decoded frames: :mod:`video_loading`, :mod:`frame_sampling`) into
+pixels, each frame squashed to S x S with PIL bicubic, x 1/255, ImageNet mean/std (the original ``UMTImageProcessor``,
+bit for bit); ``iter_pixel_chunks`` gives them chunk by chunk, ``preprocess`` at once. The image processor uses the
+same pixel function. The processor adds a Qwen2 tokenizer and the ``qwen_2`` chat template and only fills
+ProcessorMixin's hooks: a ``<|video_pad|>`` becomes 16 tokens per frame + the time message, an ``<|image_pad|>`` 64
+tokens. Batches are padded on the left (ready for ``generate``) unless ``padding_side="right"``.
 """
 
 
@@ -36,6 +23,7 @@ from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import make_batched_videos
 
+from .configuration_videochat_flash import MEDIA_MARKER
 from .frame_sampling import FrameSampling, time_message
 from .video_loading import iter_video_chunks, load_video, parse_size, resize_frame, rgb_frame
 
@@ -48,8 +36,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-IM_END = "<|im_end|>"  # ends every ChatML turn: the eos of generation
-MEDIA_MARKER = "<image>"  # how the original's conversations (chat history, LLaVA training data) mark a video/image slot
 
 # ChatML as the original `qwen_2` conversation template renders it: a system turn (the default unless a leading
 # system message replaces it; left out when empty), then `<|im_start|>{role}\n{content}<|im_end|>\n` per turn and
@@ -142,12 +128,15 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
         self.image_mean, self.image_std = [float(m) for m in image_mean], [float(s) for s in image_std]
 
     def _options(self, names: Sequence[str], overrides: dict) -> dict[str, Any]:
-        """This processor's settings `names`, with the non-None `overrides` of one call."""
+        """This processor's settings `names`, with the `overrides` of one call (None keeps a setting, except for
+        ``num_frames`` / ``fps``, where it switches that sampling off)."""
         unknown = set(overrides) - set(names) - set(self.IGNORED_KWARGS)
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}; its options "
+                            f"are {', '.join(names)}")
         options = {name: getattr(self, name) for name in names}
-        options.update({name: value for name, value in overrides.items() if name in names and value is not None})
+        options.update({name: value for name, value in overrides.items()
+                        if name in names and (value is not None or name in ("num_frames", "fps"))})
         options["size"] = _size_dict(options["size"])
         return options
 
@@ -200,7 +189,8 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
     SAMPLING_OPTIONS = tuple(field.name for field in dataclasses.fields(FrameSampling))
     VIDEO_OPTIONS = VideoChatFlashImageProcessor.PIXEL_OPTIONS + SAMPLING_OPTIONS + ("video_backend",)
 
-    def __init__(self, size=224, max_num_frames=512, num_frames=None, fps=None, min_num_frames=64, frames_multiple=8,
+    def __init__(self, size=224, max_num_frames=FrameSampling.max_num_frames, num_frames=None, fps=None,
+                 min_num_frames=FrameSampling.min_num_frames, frames_multiple=FrameSampling.frames_multiple,
                  video_backend=None, **kwargs):
         kwargs.pop("local_num_frames", None)  # a setting of earlier versions: clips are always 4 frames
         super().__init__(size=size, **kwargs)
@@ -212,7 +202,9 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
 
         The frames are sampled and decoded chunk by chunk (``iter_video_chunks``), so memory holds one chunk of
         frames; ``chunk_frames=None`` gives one chunk. `video_metadata` (a dict or transformers ``VideoMetadata``) of
-        decoded frames gives their frame rate (``fps``, for ``fps`` sampling) and the duration of the time message.
+        decoded frames tells how long they last: ``duration``, or ``total_num_frames / fps`` of the video they come
+        from, or their own ``fps``; it sets their frame rate, hence ``fps`` sampling, timestamps and the time message.
+        Files describe themselves.
         """
         options = self._options(self.VIDEO_OPTIONS, kwargs)
         size = options["size"]
@@ -220,12 +212,9 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
         load_size = (size["height"], size["width"]) if options["do_resize"] else None
         metadata, chunks = iter_video_chunks(
             video, chunk_frames, size=load_size, backend=options["video_backend"],
-            video_fps=_metadata_value(video_metadata, "fps") if not isinstance(video, str) else None,
+            video_fps=None if isinstance(video, str) else _frame_rate(video, video_metadata),
             sampling=FrameSampling(**{name: options[name] for name in self.SAMPLING_OPTIONS}),
         )
-        duration = _metadata_duration(video_metadata)
-        if duration is not None:
-            metadata = dataclasses.replace(metadata, duration=duration)
         pixel_options = {name: options[name] for name in self.PIXEL_OPTIONS}
         return metadata, (frames_to_pixels(chunk, **pixel_options) for chunk in chunks)
 
@@ -249,14 +238,6 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
         return BatchFeature({**data, "video_metadata": metadata}, tensor_type=return_tensors,
                             skip_tensor_conversion=["video_metadata"])
 
-    def fetch_videos(self, video_url_or_urls, sample_indices_fn=None):
-        """Decode and sample with this processor's settings (never torchcodec): `(frames, metadata)` per path."""
-        if isinstance(video_url_or_urls, (list, tuple)):
-            return tuple(map(list, zip(*(self.fetch_videos(item) for item in video_url_or_urls))))
-        options = self._options(self.VIDEO_OPTIONS, {})
-        return load_video(video_url_or_urls, backend=options["video_backend"],
-                          sampling=FrameSampling(**{name: options[name] for name in self.SAMPLING_OPTIONS}))
-
 
 def _per_video(metadata, count: int) -> list:
     """One metadata entry per video from None, one entry, or a (per conversation nested) list of entries."""
@@ -269,19 +250,16 @@ def _per_video(metadata, count: int) -> list:
     return flat
 
 
-def _metadata_value(metadata, key: str):
+def _frame_rate(video, metadata) -> float | None:
+    """Frames per second of decoded frames by a caller's metadata: their number over the seconds they span (the
+    ``duration``, or ``total_num_frames / fps`` of their source video), else the ``fps`` given; None if unknown."""
     if metadata is None:
         return None
-    return metadata.get(key) if isinstance(metadata, dict) else getattr(metadata, key, None)
-
-
-def _metadata_duration(metadata) -> float | None:
-    """Seconds of the source video by the metadata a caller gave: ``duration``, else ``total_num_frames / fps``."""
-    duration = _metadata_value(metadata, "duration")
-    total, fps = _metadata_value(metadata, "total_num_frames"), _metadata_value(metadata, "fps")
-    if duration is None and total and fps:
-        duration = total / fps
-    return float(duration) if duration is not None else None
+    duration, total, fps = ((metadata.get(key) if isinstance(metadata, dict) else getattr(metadata, key, None))
+                            for key in ("duration", "total_num_frames", "fps"))
+    duration = duration or (total / fps if total and fps else None)
+    frames = len(video) if isinstance(video, (list, tuple)) or getattr(video, "ndim", 3) == 4 else 1
+    return frames / duration if duration else fps
 
 
 class VideoChatFlashProcessorKwargs(ProcessingKwargs, total=False):
@@ -327,6 +305,9 @@ class VideoChatFlashProcessor(ProcessorMixin):
             raise ValueError("VideoChatFlashProcessor needs a tokenizer")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if chat_template is None and (video_token, image_token) != ("<|video_pad|>", "<|image_pad|>"):
+            raise ValueError("the default chat template writes <|video_pad|> / <|image_pad|>: pass a chat_template "
+                             "that writes your placeholder tokens")
         video_processor = video_processor if video_processor is not None else VideoChatFlashVideoProcessor()
         if image_processor is None:
             image_processor = VideoChatFlashImageProcessor(**{name: getattr(video_processor, name)
@@ -369,6 +350,8 @@ class VideoChatFlashProcessor(ProcessorMixin):
     def video_replacement(self, num_frames: int, metadata=None, time_message_style: str | None = "short") -> str:
         """The text of one video: ``tokens_per_frame * num_frames`` placeholders + the time message (when asked and
         the duration is known)."""
+        if time_message_style not in ("short", "long", None):
+            raise ValueError(f"time_message={time_message_style!r}: expected 'short', 'long' or None")
         message = ""
         if time_message_style is not None:
             duration = getattr(metadata, "duration", None)

@@ -94,6 +94,8 @@ def encode_video_streaming(model, video, *, video_processor: VideoChatFlashVideo
     finally:
         if bar is not None:
             bar.close()
+    if tokens is None or done != tokens.shape[0]:  # the decoder stopped early: never return unwritten rows
+        raise RuntimeError(f"encoded {done // config.tokens_per_frame} of the {metadata.num_frames} sampled frames")
     return tokens, metadata
 
 

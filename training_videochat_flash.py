@@ -13,6 +13,8 @@ win. Data, prompts and labels: :mod:`data_videochat_flash`. Saves (checkpoints i
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 import typing
@@ -23,8 +25,9 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from .configuration_videochat_flash import VISION_TOWER_IMAGE_SIZE
 from .data_videochat_flash import VideoChatFlashDataCollator, VideoChatFlashTrainingDataset, load_records
-from .frame_sampling import FrameSampling
+from .frame_sampling import CLIP_FRAMES, FrameSampling
 from .hub_export import make_hub_loadable, resolve_model
 from .processing_videochat_flash import DEFAULT_SYSTEM_PROMPT
 
@@ -65,7 +68,10 @@ class ModelArguments:
     lora_dropout: float = 0.05
     lora_target_modules: str = LLM_LORA_TARGET_MODULES
     lora_modules_to_save: list[str] = field(default_factory=list, metadata={"help": "e.g. mm_projector, in full"})
+    lora_bias: str = "none"
     merge_lora: bool = field(default=True, metadata={"help": "save the merged model in output_dir too"})
+    config_overrides: dict | str | None = field(default=None, metadata={
+        "help": "model config fields to set, a mapping (or JSON), e.g. {mm_llm_compress: true}"})
 
 
 @dataclass
@@ -74,9 +80,9 @@ class DataArguments:
     data_root: str | None = None
     prompt_format: str = "qwen_2"
     sample_type: str = field(default="dynamic_fps1", metadata={"help": "dynamic_fps1 or middle"})
-    frames_upbound: int = 512
-    frames_lowbound: int = 64
-    local_num_frames: int = 4
+    frames_upbound: int = FrameSampling.max_num_frames
+    frames_lowbound: int = FrameSampling.min_num_frames
+    local_num_frames: int = CLIP_FRAMES
     time_msg: str | None = "short"
     system_message: str = DEFAULT_SYSTEM_PROMPT
     label_mode: str = field(default="answers", metadata={"help": "answers or original (preprocess_qwen)"})
@@ -166,19 +172,24 @@ def load_model_and_processor(args: ModelArguments):
     from .processing_videochat_flash import VideoChatFlashProcessor
 
     dtype = getattr(torch, args.dtype)
+    overrides = json.loads(args.config_overrides) if isinstance(args.config_overrides, str) else (
+        args.config_overrides or {})
     if args.model_name_or_path == "tiny":
         from .tiny_model import TINY_VISION, build_tiny_model, tiny_processor
 
         vision = dict(TINY_VISION, image_size=args.image_size or TINY_VISION["image_size"])
-        model, processor = build_tiny_model(args.tiny_seed, vision_config=vision).to(dtype), tiny_processor()
+        model = build_tiny_model(args.tiny_seed, vision_config=vision, **overrides).to(dtype)
+        processor = tiny_processor()
         if args.attn_implementation:
             model.set_attn_implementation(args.attn_implementation)
     else:
         folder = resolve_model(args.model_name_or_path)
         config = VideoChatFlashForCausalLM.config_class.from_pretrained(folder)
+        for key, value in overrides.items():
+            setattr(config, key, value)
         if args.image_size:
             config.vision_config = dict(config.vision_config, image_size=args.image_size)
-            towers = {224: "umt-large", 448: "umt-hd-large"}
+            towers = {size: name for name, size in VISION_TOWER_IMAGE_SIZE.items()}
             config.mm_vision_tower = towers.get(args.image_size, config.mm_vision_tower)
         kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
         model = VideoChatFlashForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
@@ -196,7 +207,8 @@ def apply_lora(model, args: ModelArguments):
     wanted = {name for name, param in model.named_parameters() if param.requires_grad}
     peft_model = get_peft_model(model, LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
-        target_modules=args.lora_target_modules, modules_to_save=args.lora_modules_to_save or None))
+        target_modules=args.lora_target_modules, modules_to_save=args.lora_modules_to_save or None,
+        bias=args.lora_bias))
     for name, param in peft_model.named_parameters():  # get_peft_model froze the fully trained parts too
         if name.removeprefix("base_model.model.") in wanted:
             param.requires_grad_(True)
@@ -234,16 +246,32 @@ class VideoChatFlashTrainer(Trainer):
             make_hub_loadable(output_dir or self.args.output_dir, self.processing_class)
 
 
-def merge_lora_adapter(base: str, adapter_dir, output_dir, processor=None):
-    """Load the base model (`base`: a model spec as ``model_name_or_path``), apply and merge the adapter in
-    `adapter_dir` and save a full, Hub-loadable model folder to `output_dir`. Returns the merged model."""
+def merge_lora_adapter(base: ModelArguments | str, adapter_dir, output_dir, processor=None):
+    """Load the base model on this process alone (`base`: the run's ModelArguments, or a ``model_name_or_path``),
+    apply and merge the adapter in `adapter_dir` and save a full, Hub-loadable folder to `output_dir`. Also the way
+    to merge after a sharded run. Returns the merged model."""
     from peft import PeftModel
 
-    model, base_processor = load_model_and_processor(ModelArguments(model_name_or_path=base))
+    base = base if isinstance(base, ModelArguments) else ModelArguments(model_name_or_path=base)
+    model, base_processor = load_model_and_processor(base)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(output_dir)
     make_hub_loadable(output_dir, processor or base_processor)
     return merged
+
+
+@contextlib.contextmanager
+def _without_zero3(args: TrainingArguments):
+    """DeepSpeed ZeRO-3 switched off meanwhile, so that from_pretrained on one rank loads whole weights instead of
+    partitioning them (zero.Init) across ranks that are not loading."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if getattr(args, "hf_deepspeed_config", None) is not None:
+            set_hf_deepspeed_config(args.hf_deepspeed_config)
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -290,7 +318,8 @@ def _save_final(trainer: VideoChatFlashTrainer, model_args: ModelArguments, proc
         trainer.save_model(adapter_dir)  # adapters (+ modules_to_save), gathered under ZeRO-3 / FSDP
         if model_args.merge_lora and trainer.args.should_save:
             if trainer.args.deepspeed or trainer.is_fsdp_enabled:  # partitioned weights: merge into a fresh base copy
-                merge_lora_adapter(model_args.model_name_or_path, adapter_dir, output_dir, processor)
+                with _without_zero3(trainer.args):
+                    merge_lora_adapter(model_args, adapter_dir, output_dir, processor)
             else:
                 trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
                 trainer.model.save_pretrained(output_dir)

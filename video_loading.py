@@ -482,9 +482,10 @@ def _pyav_counting_frames(probe: _Probe, targets: list[int], threads: int) -> It
 
 
 def _span_chunks(probe: _Probe, asm: _ChunkAssembler, num_threads: int, seek_mode: bool, info: dict):
-    """Chunks from timestamp-matched spans, up to the first with frames missing. One thread: one decoder through every
-    span, paused between chunks. More: each chunk's spans shared among up to ``num_threads`` decoders (converting and
-    resizing in parallel too, they beat one frame-threaded decoder that must flush after every span)."""
+    """Chunks from timestamp-matched spans, up to the first with frames missing. One decoder through every span, paused
+    between chunks, with one thread or when reading through several chunks (their spans share GOPs: decoders of
+    their own would decode each chunk again from its keyframe). Otherwise each chunk's spans are shared among up to
+    ``num_threads`` decoders (converting and resizing in parallel too, they beat one frame-threaded decoder)."""
     pos_of_pts = {int(p): i for i, p in enumerate(probe.pts.tolist())}
     info.update(workers=0, spans=0, packets_in_spans=0)
 
@@ -509,7 +510,7 @@ def _span_chunks(probe: _Probe, asm: _ChunkAssembler, num_threads: int, seek_mod
         for idx, rgb in frames:
             asm.put(idx, rgb)
 
-    if num_threads == 1:
+    if num_threads == 1 or (not seek_mode and len(asm.chunks) > 1):
         yield from _drain(workers(asm.targets(), 1)[0], asm)
         return
     for k in range(asm.next, len(asm.chunks)):
@@ -686,6 +687,9 @@ def iter_video_chunks(video, chunk_frames: int | None = 32, *, size=None, backen
     if 0 in first.shape:
         raise ValueError(f"image has shape {first.shape}; expected (H, W, 3)")
     indices = sampling.decoded_indices(len(frames), rate)
+    if sampling.num_frames is None and sampling.fps is None and len(indices) < len(frames):
+        warnings.warn(f"{len(frames)} decoded frames are more than max_num_frames={sampling.max_num_frames}: "
+                      f"{len(indices)} of them are sampled (pass max_num_frames to keep more)", stacklevel=2)
     asm = _ChunkAssembler(indices, chunk_frames, hw, None, path or kind)
     meta = _metadata(indices, rate, len(frames), "frames", first.shape[1], first.shape[0], path, {"input": kind})
     in_order = ((i, rgb_frame(frames[i], f"frame {i}")) for i in asm.targets())  # converted as chunks are taken

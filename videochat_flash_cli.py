@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("question", help="what to ask about the video")
     chat.add_argument("--model", default=DEFAULT_MODEL_ID,
                       help=f"folder, Hub id or 'tiny' (default: {DEFAULT_MODEL_ID})")
-    chat.add_argument("--max-frames", type=int, default=512, help="most frames sampled from the video (default 512)")
+    chat.add_argument("--max-frames", type=int, default=None,
+                      help="most frames sampled from the video (default: chat()'s, 512)")
     chat.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="auto = cuda when available, else cpu")
     chat.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -97,8 +98,9 @@ def cmd_chat(args) -> int:
     device, dtype = _device_and_dtype(args.device, args.dtype)
     model, tokenizer = _load(folder, device, dtype)
     generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
-    answer = model.chat(args.video, tokenizer, args.question, return_history=False, max_num_frames=args.max_frames,
-                        generation_config=generation, progress=True)
+    sampling = {"max_num_frames": args.max_frames} if args.max_frames else {}
+    answer = model.chat(args.video, tokenizer, args.question, return_history=False, generation_config=generation,
+                        progress=True, **sampling)
     print(answer)
     return 0
 
@@ -137,10 +139,10 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training_videochat_flash import run_training  # written separately; imported only when training
+    from .training_videochat_flash import run_training  # imported only when training: it needs the train extras
 
-    result = run_training(args.config)
-    return result if isinstance(result, int) else 0
+    run_training(args.config)
+    return 0
 
 
 COMMANDS = {"chat": cmd_chat, "export": cmd_export, "convert": cmd_convert, "make-tiny": cmd_make_tiny,

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from videochat_flash.hub_export import make_tiny_folder  # noqa: E402

@@ -12,17 +12,14 @@ square float32 matmul on this machine, i.e. how close to the machine's GEMM peak
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from videochat_flash.configuration_videochat_flash import VideoChatFlashConfig  # noqa: E402
-from videochat_flash.modeling_videochat_flash import VideoChatFlashModel  # noqa: E402
+from videochat_flash.configuration_videochat_flash import VideoChatFlashConfig
+from videochat_flash.modeling_videochat_flash import VideoChatFlashModel
 
 SMALL_LLM = {"vocab_size": 1024, "hidden_size": 1536, "intermediate_size": 64, "num_hidden_layers": 1,
              "num_attention_heads": 12, "num_key_value_heads": 2}

@@ -26,7 +26,6 @@ from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 WIDTH, HEIGHT, FPS = 160, 120, 25
 
@@ -115,7 +114,8 @@ def child(args) -> None:
             )
         else:  # the original's way: all frames, then all pixels, then encode
             frames, meta = load_video(args.video, num_frames=args.n)
-            pixels = processor(videos=frames, return_tensors="pt")["pixel_values_videos"]
+            # decoded frames are capped at max_num_frames (512 by default): take them all
+            pixels = processor(videos=frames, max_num_frames=len(frames), return_tensors="pt")["pixel_values_videos"]
             del frames
             features = model.get_video_features(pixels)[0]
             del pixels

@@ -9,18 +9,15 @@ ratios [1, 0.75, 0.25]) and, for reference, the config default schedule. The rat
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from videochat_flash.configuration_videochat_flash import VideoChatFlashConfig  # noqa: E402
-from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM  # noqa: E402
+from videochat_flash.configuration_videochat_flash import VideoChatFlashConfig
+from videochat_flash.modeling_videochat_flash import VideoChatFlashForCausalLM
 
 QWEN2_0_5B = {
     "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,

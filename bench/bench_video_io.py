@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 448
 VIDEO_NAME = "bench_10min_640x360_30fps_gop250.mp4"
 
@@ -67,7 +66,6 @@ def child(method: str, n: int, path: str) -> None:
     import numpy as np
     from PIL import Image
 
-    sys.path.insert(0, REPO_ROOT)
     import videochat_flash.video_loading as vl
     from videochat_flash.frame_sampling import FrameSampling
 

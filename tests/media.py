@@ -1,12 +1,18 @@
-"""Test media made on the fly with PyAV (libx264 is bundled): nothing is downloaded or stored in the repo."""
+"""Test media made on the fly with PyAV (libx264 is bundled) and PIL: nothing is downloaded or stored in the repo."""
 
 from __future__ import annotations
 
 import json
+import struct
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
+
+
+# x264 options for B-frames in open GOPs (frames shown before their keyframe), a keyframe every 20 frames
+OPEN_GOP = {"bf": "3", "x264-params": "open-gop=1:keyint=20:min-keyint=20:scenecut=0"}
 
 
 def pattern(i: int, w: int, h: int) -> np.ndarray:
@@ -52,6 +58,55 @@ def encode(path, n, w=64, h=48, fps=25, codec="libx264", pix_fmt="yuv420p", fmt=
     return str(path)
 
 
+def image(path, frame: np.ndarray, **options):
+    """Write one (H, W, 3) uint8 frame as an image file (PIL; the format from the suffix, `options` for `save`)."""
+    from PIL import Image
+
+    Image.fromarray(frame).save(path, **options)
+    return str(path)
+
+
+def audio_only(path, packets=20):
+    """An AAC file without a video stream: `packets` frames of 1,024 silent mono samples at 16 kHz."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        s.layout = "mono"
+        for i in range(packets):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 16000, i * 1024
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return str(path)
+
+
+def zero_mp4_durations(src, dst):
+    """Copy of the mp4 `src` with every sample duration (stts) and the track/media/movie durations zeroed: no frame
+    rate left anywhere."""
+    b = bytearray(Path(src).read_bytes())
+
+    def walk(off, end):
+        while off + 8 <= end:
+            size, typ = struct.unpack(">I4s", b[off : off + 8])
+            if size < 8:
+                return
+            if typ in (b"moov", b"trak", b"mdia", b"minf", b"stbl"):
+                walk(off + 8, off + size)
+            elif typ == b"stts":
+                for k in range(struct.unpack(">I", b[off + 12 : off + 16])[0]):
+                    struct.pack_into(">I", b, off + 16 + 8 * k + 4, 0)
+            elif typ in (b"mvhd", b"mdhd"):
+                struct.pack_into(">I", b, off + 24, 0)
+            elif typ == b"tkhd":
+                struct.pack_into(">I", b, off + 28, 0)
+            off += size
+
+    walk(0, len(b))
+    Path(dst).write_bytes(bytes(b))
+    return str(dst)
+
+
 def naive_decode(path) -> np.ndarray:
     """Reference: every frame, decoded straight through by PyAV."""
     with av.open(str(path)) as c:
@@ -65,12 +120,10 @@ COLOR_QUESTION = "What color is the video?"
 def colour_dataset(root) -> dict:
     """Fine-tuning media in `root`: four 8-frame 128 px clips of one colour each (1 s at 8 fps) with LLaVA-style
     records asking their colour (train.json / train.jsonl), a 12-frame clip and four still images."""
-    from PIL import Image
-
     records = []
     for index, (name, color) in enumerate(COLORS.items()):
         encode(root / f"clip{index}.mp4", 8, 128, 128, fps=8, frames=band(color))
-        Image.fromarray(np.full((40, 60, 3), color, np.uint8)).save(root / f"image{index}.png")
+        image(root / f"image{index}.png", np.full((40, 60, 3), color, np.uint8))
         records.append({"video": f"clip{index}.mp4", "conversations": [
             {"from": "human", "value": f"<image>\n{COLOR_QUESTION}"}, {"from": "gpt", "value": f"It is {name}."}]})
     encode(root / "twelve.mp4", 12, 128, 128, fps=8, frames=band((90, 90, 90)))  # 1.5 s -> 12 frames

@@ -1,11 +1,14 @@
-"""model.chat() (the original conversation API), generate() through the chat template, streaming and batching,
-all on the tiny random model and short generated videos."""
+"""model.chat() (the original conversation API): answers and histories, the cached visual tokens and KV prefix of
+follow-ups, and agreement with generate() through the chat template; on the tiny random model and short generated
+videos. Streaming and batched generate() are tested in test_modeling.py."""
 
 import os
 
 import pytest
 import torch
 from media import encode, pattern
+
+from test_modeling import new_tokens, video_messages, videos  # noqa: F401 (videos: a fixture)
 
 from videochat_flash.hub_export import make_tiny_folder
 from videochat_flash.tiny_model import tiny_processor
@@ -30,30 +33,10 @@ def processor():
     return tiny_processor()
 
 
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("videos")
-    # 2 s at 8 fps -> 16 sampled frames; 8, 16 and 24 frames give 8, 16 and 24 sampled frames.
-    return {
-        "main": encode(folder / "main.mp4", 16, fps=8),
-        "a": encode(folder / "a.mp4", 8, fps=8, w=48, h=32),
-        "b": encode(folder / "b.mp4", 16, fps=8, w=64, h=48),
-        "c": encode(folder / "c.mp4", 24, fps=8, w=80, h=64),
-    }
-
-
 def count_tower_calls(model):
     calls = []
     model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
     return calls
-
-
-def video_messages(path, question=QUESTION):
-    return [{"role": "user", "content": [{"type": "video", "path": str(path)}, {"type": "text", "text": question}]}]
-
-
-def new_tokens(output, inputs):
-    return output[:, inputs["input_ids"].shape[1] :]
 
 
 def test_chat_answers_and_follow_up_does_not_rerun_the_vision_tower(model, processor, videos):

@@ -45,6 +45,19 @@ def test_golden_file_sampling(pre, video, max_num_frames):
     assert time_message(info["decord_len"] / info["decord_avg_fps"], len(idx)) == exp["time_msg"]
 
 
+def test_middle_is_the_originals_rule(pre):
+    """`middle`, the expectation of the tests below, gives the original's indices wherever it sampled at most as
+    many frames as the video has."""
+    checked = 0
+    for video in VIDEOS:
+        total = pre["videos"][video]["decord_len"]
+        for key, exp in pre["sampling"][video].items():
+            if key.startswith("hf_chat.") and len(exp["frame_indices"]) <= total:
+                assert middle(total, len(exp["frame_indices"])) == exp["frame_indices"], (video, key)
+                checked += 1
+    assert checked == 9  # 3 settings x the 3 videos longer than 8 frames
+
+
 @pytest.mark.parametrize("video", VIDEOS)
 def test_golden_training_indices(pre, video):
     exp = pre["sampling"][video]["train.process_video(upbound=512,lowbound=64,local=4)"]

@@ -1,9 +1,11 @@
 """hub_export: Hub folders (exported and loaded in a fresh process where this package is not importable; their size
-and shape), conversion of original-format checkpoints (golden logits), model lookup."""
+and shape), conversion of original-format checkpoints (golden logits), model lookup; the package's sources (no
+.cuda() call, flash_attn imported only under try:)."""
 
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -103,6 +105,10 @@ def test_export_folder_layout_and_metadata(exported):
         assert key in config["auto_map"]
     assert config["custom_pipelines"] == CUSTOM_PIPELINES
     assert config["custom_pipelines"]["video-text-to-text"]["impl"] == "pipeline_videochat_flash.VideoTextToTextPipeline"
+    # every remote-code reference names a class defined in a code file of the folder
+    for reference in [*config["auto_map"].values(), config["custom_pipelines"]["video-text-to-text"]["impl"]]:
+        module, name = reference.split(".")
+        assert re.search(rf"^class {name}\b", (folder / f"{module}.py").read_text(), re.MULTILINE), reference
     assert config["model_type"] == "videochat_flash" and config["architectures"] == ["VideoChatFlashForCausalLM"]
     assert (config["video_token_id"], config["image_token_id"]) == (259, 260)
 
@@ -291,3 +297,18 @@ def test_hub_code_is_small_flat_and_acyclic(exported):
     for module in sorted(graph):
         visit(module, [])
     assert {"chat_videochat_flash", "configuration_videochat_flash"} <= graph["modeling_videochat_flash"]
+
+
+CUDA_CALL = ".cuda" + "()"  # spelled in two parts so this file does not contain the call it forbids
+
+
+def test_no_cuda_calls_and_guarded_flash_attn():
+    """No source of this package calls .cuda() (any device goes through .to()); flash_attn is imported only inside a
+    try: (transformers' remote-code loader requires every unguarded import to be installed)."""
+    sources = [p for p in REPO_ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    for path in sources:
+        text = path.read_text()
+        assert CUDA_CALL not in text, path
+        for match in re.finditer(r"^(\s*)(import flash_attn|from flash_attn)", text, flags=re.MULTILINE):
+            preceding = text[: match.start()].splitlines()[-3:]
+            assert match.group(1) and any(line.strip().startswith("try:") for line in preceding), path

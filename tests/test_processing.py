@@ -259,7 +259,6 @@ def test_chat_template_turns_and_system_prompt():
     assert processor.apply_chat_template(no_system, add_generation_prompt=True) == (
         "<|im_start|>user\n<|image_pad|>\n<|im_end|>\n<|im_start|>assistant\n"  # an image is followed by "\n"
     )
-    assert processor.chat_template == CHAT_TEMPLATE
 
 
 def test_chat_template_with_decoded_frames_and_sampling_kwargs(preprocess_golden):
@@ -536,13 +535,16 @@ def test_auto_processor_loads_saves_and_processes_without_this_package_or_torchv
         assert torch.equal(got[key], expected[key]), key
 
 
-def test_load_video_is_the_decoders_function():
-    """The interface: `load_video` importable from processing_videochat_flash, the one of video_loading."""
-    from videochat_flash import video_loading
-
-    assert load_video is video_loading.load_video
-    frames, metadata = load_video(str(golden_path(TINY_VIDEO)), size=224)
+def test_load_video_gives_the_frames_the_processor_turns_into_pixels():
+    """The interface: `load_video` importable from processing_videochat_flash; its frames, rescaled to [0, 1] and
+    normalised with the ImageNet mean / std, are the video processor's pixels of the same file."""
+    path = str(golden_path(TINY_VIDEO))
+    frames, metadata = load_video(path, size=224)
     assert frames.dtype == np.uint8 and frames.shape == (8, 224, 224, 3) and metadata.duration == 0.2
+    pixels = VideoChatFlashVideoProcessor(size=224)(videos=path, return_tensors="pt")["pixel_values_videos"][0]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = ((frames / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    torch.testing.assert_close(pixels.double(), torch.from_numpy(expected), rtol=0, atol=1e-6)
 
 
 def test_decoded_frames_follow_the_one_rule_and_the_time_message_options(preprocess_golden):
@@ -579,3 +581,24 @@ def test_media_blocks_turn_original_markers_into_template_blocks():
     processor = make_processor(224)
     rendered = processor.apply_chat_template([{"role": "user", "content": media_blocks("<image>\nQ", ["image"])}])
     assert "<|im_start|>user\n<|image_pad|>\nQ<|im_end|>" in rendered
+
+
+def test_caller_metadata_of_decoded_frames_gives_one_frame_rate(preprocess_golden):
+    """The duration of decoded frames (given, or total_num_frames / fps of their source) sets their rate: fps
+    sampling, the timestamps and the time message agree. An explicit None switches the processor's sampling off."""
+    from transformers.video_utils import VideoMetadata
+
+    _, tensors = preprocess_golden
+    processor = make_processor(224)
+    frames = np.repeat(tensors["frames_uint8_subset"].numpy()[:1], 100, axis=0)
+    for metadata in ({"fps": 2.0, "total_num_frames": 200}, {"duration": 100.0},
+                     VideoMetadata(total_num_frames=200, fps=2.0)):
+        out = processor.video_processor(videos=frames, video_metadata=metadata, fps=0.5, return_metadata=True)
+        meta = out["video_metadata"][0]
+        assert (meta.num_frames, meta.duration, meta.timestamps[:2]) == (48, 100.0, [0.0, 2.0]), metadata
+        text = processor.video_replacement(meta.num_frames, meta).replace("<|video_pad|>", "")
+        assert text == "\nThe video lasts for 100.00 seconds, and 48 frames are uniformly sampled from it. "
+    sampling = VideoChatFlashVideoProcessor(size=224, num_frames=20)
+    assert int(sampling(videos=frames, num_frames=None)["video_frame_counts"][0]) == 100
+    with pytest.raises(ValueError, match="expected 'short', 'long' or None"):
+        processor.video_replacement(4, meta, "medium")

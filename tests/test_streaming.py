@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from media import encode, pattern
+from media import OPEN_GOP, encode, pattern
 
 from videochat_flash.processing_videochat_flash import VideoChatFlashVideoProcessor
 from videochat_flash.streaming_videochat_flash import _prefetch, as_mm_encoder_outputs, encode_video_streaming
@@ -26,9 +26,8 @@ QUESTION = "What is moving in the video?"
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("stream_media")
-    gop = {"bf": "3", "x264-params": "open-gop=1:keyint=20:min-keyint=20:scenecut=0"}
     return {
-        "open_gop": encode(d / "open_gop.mp4", 300, 96, 64, options=gop),
+        "open_gop": encode(d / "open_gop.mp4", 300, 96, 64, options=OPEN_GOP),
         "clip": encode(d / "clip.mp4", 200, 96, 64, fps=10, options={"g": "12"}),
         "main": encode(d / "main.mp4", 16, fps=8),
         "ten_seconds": encode(d / "ten_seconds.mp4", 250, 96, 64, fps=25),
@@ -115,9 +114,27 @@ def test_streaming_follows_the_processor_settings_and_inputs(tiny, media):
     image = Image.fromarray(pattern(5, 70, 50))
     features, meta = encode_video_streaming(tiny, image, clips_per_chunk=1)
     torch.testing.assert_close(features, _one_shot(tiny, load_video(image)[0]), rtol=0, atol=1e-5)
-    # mm_encoder_outputs for generate
-    outputs = as_mm_encoder_outputs(features)
-    assert outputs["video"].pooler_output[0] is features
+
+
+def test_streamed_tokens_stand_in_for_the_pixels_in_forward_and_generate(tiny, media):
+    """The module's usage: `mm_encoder_outputs=as_mm_encoder_outputs(features)` with the prompt ids gives the logits
+    and greedy ids of the processor's pixels."""
+    processor = tiny_processor()
+    messages = [{"role": "user", "content": [{"type": "video", "path": media["main"]},
+                                             {"type": "text", "text": QUESTION}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    features, _ = encode_video_streaming(tiny, media["main"], video_processor=processor.video_processor,
+                                         clips_per_chunk=1)
+    prompt = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        expected = tiny(**inputs).logits
+        streamed = tiny(**prompt, mm_encoder_outputs=as_mm_encoder_outputs(features)).logits
+        expected_ids = tiny.generate(**inputs, max_new_tokens=8, do_sample=False)
+        streamed_ids = tiny.generate(**prompt, mm_encoder_outputs=as_mm_encoder_outputs(features), max_new_tokens=8,
+                                     do_sample=False)
+    assert (streamed - expected).abs().max().item() <= 1e-5
+    assert streamed_ids.tolist() == expected_ids.tolist()
 
 
 def test_progress_bars(tiny, media, capsys):

@@ -122,7 +122,11 @@ def test_decoding_follows_the_recorded_stages():
     assert decoding_stage(state, 2, torch.tensor([[8], [6]]), None) is None  # stage 2 never dropped
     new_positions, key_mask = decoding_stage(state, 1, torch.tensor([[8], [6]]), None)
     assert new_positions.tolist() == [[5], [4]]  # right after each row's last kept token
-    assert key_mask.tolist() == [[True] * 6, [False] + [True] * 5] and state.key_masks[1] is key_mask
+    assert key_mask.tolist() == [[True] * 6, [False] + [True] * 5]
+    # the next step's keys are the stored ones plus its own (a padded new token is masked)
+    next_positions, next_mask = decoding_stage(state, 1, torch.tensor([[9], [7]]), torch.tensor([[True], [False]]))
+    assert next_positions.tolist() == [[6], [5]]
+    assert next_mask.tolist() == [[True] * 7, [False] + [True] * 5 + [False]]
 
 
 # ------------------------------------------------------------------------------------------------ tiny model

@@ -369,7 +369,12 @@ def test_shipped_distributed_configs():
 
     lora, data_args, training_args = parse_config(REPO_ROOT / "configs" / "train_lora.yaml")
     assert lora.use_lora and lora.lora_modules_to_save == ["mm_projector"] and lora.tune_parts == []
-    assert lora.lora_target_modules == tvf.LLM_LORA_TARGET_MODULES
+    # its (default) targets: the 7 projections of every LLM layer, no other linear layer (the vision tower's neither)
+    linear = [n for n, m in build_tiny_model(0).named_modules() if isinstance(m, torch.nn.Linear)]
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj")
+    assert {n for n in linear if re.fullmatch(lora.lora_target_modules, n)} == {
+        f"model.layers.{layer}.{projection}" for layer in range(4) for projection in projections}
     assert (training_args.learning_rate, data_args.frames_upbound) == (2e-4, 128)
 
 
@@ -384,3 +389,14 @@ def test_config_errors_are_clear(media, tmp_path):
     with pytest.raises(ValueError, match="learning_rate: 'fast' is not a float"):
         parse_config({**good, "learning_rate": "fast"})
     assert parse_config({**good, "learning_rate": "1e-3"})[2].learning_rate == 1e-3  # PyYAML reads 1e-3 as a string
+
+
+def test_config_overrides_and_model_arguments_reach_the_model(media, tmp_path):
+    model_args, _, _ = parse_config(tiny_config(media, tmp_path, image_size=160, tiny_seed=2,
+                                                config_overrides={"mm_llm_compress": True}))
+    model, processor = tvf.load_model_and_processor(model_args)
+    assert model.config.mm_llm_compress is True and model.config.image_size == 160
+    assert processor.video_processor.size == processor.image_processor.size == {"height": 160, "width": 160}
+    assert torch.equal(model.lm_head.weight, build_tiny_model(2).lm_head.weight)  # tiny_seed: the base weights
+    as_json = parse_config(tiny_config(media, tmp_path, config_overrides='{"mm_llm_compress": true}'))[0]
+    assert tvf.load_model_and_processor(as_json)[0].config.mm_llm_compress is True

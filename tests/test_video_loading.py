@@ -10,10 +10,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import av
@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from conftest import golden_path
-from media import encode, naive_decode, pattern
+from conftest import REPO_ROOT, golden_path
+from media import OPEN_GOP, audio_only, encode, image, naive_decode, pattern, zero_mp4_durations
 
 import videochat_flash.video_loading as vl
 from videochat_flash.frame_sampling import FrameSampling, time_message
@@ -37,7 +37,6 @@ except ImportError:  # pragma: no cover
     HAVE_DECORD = False
 
 needs_decord = pytest.mark.skipif(not HAVE_DECORD, reason="decord not installed")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 VIDEOS = [
     "synthetic_main_12s_25fps_320x240.mp4",
     "synthetic_short_2s_25fps_160x120.mp4",
@@ -139,8 +138,8 @@ def test_auto_backend_is_pyav():
 def bframe_videos(tmp_path_factory):
     """B-frames, open GOPs (frames shown before their keyframe), short GOPs: mp4 and mkv."""
     d = tmp_path_factory.mktemp("gop")
-    opts = {"bf": "3", "x264-params": "open-gop=1:keyint=20:min-keyint=20:scenecut=0"}
-    return [encode(d / "open_gop.mp4", 300, 96, 64, options=opts), encode(d / "open_gop.mkv", 300, 96, 64, fmt="matroska", options=opts)]
+    return [encode(d / "open_gop.mp4", 300, 96, 64, options=OPEN_GOP),
+            encode(d / "open_gop.mkv", 300, 96, 64, fmt="matroska", options=OPEN_GOP)]
 
 
 @pytest.mark.parametrize("seek", [True, False])
@@ -447,10 +446,9 @@ def test_only_guarded_optional_imports():
 @pytest.fixture(scope="module")
 def stream_media(tmp_path_factory):
     d = tmp_path_factory.mktemp("stream_media")
-    gop = {"bf": "3", "x264-params": "open-gop=1:keyint=20:min-keyint=20:scenecut=0"}
     return {
-        "open_gop": encode(d / "open_gop.mp4", 300, 96, 64, options=gop),
-        "mkv": encode(d / "open_gop.mkv", 120, 64, 48, fmt="matroska", options=gop),
+        "open_gop": encode(d / "open_gop.mp4", 300, 96, 64, options=OPEN_GOP),
+        "mkv": encode(d / "open_gop.mkv", 120, 64, 48, fmt="matroska", options=OPEN_GOP),
         "five": encode(d / "five.mp4", 5),
         "raw_h264": encode(d / "raw.h264", 30, fmt="h264"),  # no timestamps: decoded straight through, counted
         "vfr_webm": encode(d / "vfr.webm", 8, codec="libvpx-vp9", fmt="webm",
@@ -612,31 +610,6 @@ def test_pyav_failure_part_way_continues_with_decord(stream_media, monkeypatch):
 BAD_INPUT_TIMEOUT_S = 10
 
 
-def zero_mp4_durations(src, dst):
-    """Zero every sample duration (stts) and the track/media/movie durations of an mp4: no frame rate left."""
-    b = bytearray(Path(src).read_bytes())
-
-    def walk(off, end):
-        while off + 8 <= end:
-            size, typ = struct.unpack(">I4s", b[off : off + 8])
-            if size < 8:
-                return
-            if typ in (b"moov", b"trak", b"mdia", b"minf", b"stbl"):
-                walk(off + 8, off + size)
-            elif typ == b"stts":
-                for k in range(struct.unpack(">I", b[off + 12 : off + 16])[0]):
-                    struct.pack_into(">I", b, off + 16 + 8 * k + 4, 0)
-            elif typ in (b"mvhd", b"mdhd"):
-                struct.pack_into(">I", b, off + 24, 0)
-            elif typ == b"tkhd":
-                struct.pack_into(">I", b, off + 28, 0)
-            off += size
-
-    walk(0, len(b))
-    Path(dst).write_bytes(bytes(b))
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
 def bad_media(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad_media")
@@ -666,23 +639,11 @@ def bad_media(tmp_path_factory):
     m["damaged"] = str(d / "damaged.mp4")
     Path(m["damaged"]).write_bytes(bytes(damaged))
     # audio only
-    m["audio"] = str(d / "audio_only.m4a")
-    with av.open(m["audio"], "w") as c:
-        s = c.add_stream("aac", rate=16000)
-        s.layout = "mono"
-        for i in range(20):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            f.sample_rate, f.pts = 16000, i * 1024
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    m["audio"] = audio_only(d / "audio_only.m4a")
     # still images
     img = pattern(3, 90, 70)
-    m["png"] = str(d / "still.png")
-    Image.fromarray(img).save(m["png"])
-    m["jpg"] = str(d / "still.jpg")
-    Image.fromarray(img).save(m["jpg"], quality=90)
+    m["png"] = image(d / "still.png", img)
+    m["jpg"] = image(d / "still.jpg", img, quality=90)
     m["bad_png"] = str(d / "broken.png")
     Path(m["bad_png"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
     # very short videos
@@ -704,7 +665,7 @@ def bad_media(tmp_path_factory):
     m["444"] = encode(d / "yuv444.mp4", 10, pix_fmt="yuv444p")
     m["good"] = encode(d / "good.mp4", 40)
     # files where decord 0.6.0 returns wrong frames (checked against a straight decode)
-    m["open_gop"] = encode(d / "open_gop.mp4", 120, options={"bf": "3", "x264-params": "open-gop=1:keyint=20:min-keyint=20:scenecut=0"})
+    m["open_gop"] = encode(d / "open_gop.mp4", 120, options=OPEN_GOP)
     m["h264_avi"] = encode(d / "h264.avi", 120, fmt="avi", options={"g": "12"})
     m["hevc"] = encode(d / "hevc.mp4", 120, codec="libx265", options={"g": "15", "x265-params": "log-level=error"})
     m["mpegts"] = encode(d / "h264.ts", 120, fmt="mpegts", options={"g": "15"})
@@ -995,3 +956,14 @@ def test_without_decord_forcing_it_is_an_import_error(bad_media):
 def test_unsupported_input_type(bad_media):
     res = run_case(12345)
     assert not res["ok"] and res["type"] == "TypeError"
+
+
+def test_decoded_frames_over_the_cap_are_sampled_with_a_warning():
+    frames = np.stack([pattern(i, 16, 12) for i in range(600)])
+    with pytest.warns(UserWarning, match="600 decoded frames are more than max_num_frames=512"):
+        kept, meta = load_video(frames)
+    assert kept.shape[0] == 512 and meta.frame_indices == FrameSampling().decoded_indices(600)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        assert load_video(frames, max_num_frames=600)[0].shape[0] == 600
+        assert load_video(frames, num_frames=8)[0].shape[0] == 8
