@@ -76,7 +76,7 @@ class VideoChatFlashChatMixin:
         if history:
             content = user_prompt
         else:
-            # "<image>" + "\nThe video lasts ... from it. " + question, as the processor has it (no duration, no message)
+            # "<image>" + "\nThe video lasts ... from it. " + question, as in the processor (no duration: no message)
             message = time_message(metadata.duration, metadata.num_frames) if metadata.duration else ""
             content = f"{MEDIA_MARKER}{message}{user_prompt}"
         turns = [*history, {"role": "user", "content": content}]
@@ -118,9 +118,10 @@ class VideoChatFlashChatMixin:
             self.clear_chat_cache()
         cache, key = self._chat_feature_cache, None
         if isinstance(video, (str, os.PathLike)) and os.path.exists(video):
-            stat = os.stat(video)  # the file as it is now, and every setting of the processor that made the tokens
+            stat = os.stat(video)  # the file as it is now, the processor's settings and the model's dtype and device
+            weight = self.get_input_embeddings().weight
             key = (os.path.realpath(video), stat.st_mtime_ns, stat.st_size, max_num_frames, backend,
-                   processor.video_processor.to_json_string())
+                   processor.video_processor.to_json_string(), weight.dtype, weight.device)
             if key in cache:
                 cache.move_to_end(key)
                 return cache[key]
@@ -166,7 +167,7 @@ class VideoChatFlashChatMixin:
             output_ids = self.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
         if cache is not None:  # the cache now holds the prompt and the answer but its last token
             self._chat_prefix_state = {"ids": output_ids[0, : cache.get_seq_length()].cpu(), "cache": cache,
-                                       "features": features}
+                                       "features": features, "weight": (self.dtype, self.device)}
         return tokenizer.decode(output_ids[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
     def _chat_generate_kwargs(self, generation_config: dict | None, tokenizer) -> dict:
@@ -198,7 +199,8 @@ class VideoChatFlashChatMixin:
                 or {"cache", "past_key_values", "assistant_model"} & set(generate_kwargs)):
             return None, 0
         ids = input_ids[0].cpu()
-        if previous is not None and (previous["features"] is features or torch.equal(previous["features"], features)):
+        same_model = previous is not None and previous["weight"] == (self.dtype, self.device)  # not moved since
+        if same_model and (previous["features"] is features or torch.equal(previous["features"], features)):
             cached_ids = previous["ids"]
             n = min(cached_ids.shape[0], ids.shape[0] - 1)  # at least one new token to run
             differ = (cached_ids[:n] != ids[:n]).nonzero()

@@ -8,6 +8,7 @@ unchanged; unknown fields are kept.
 from dataclasses import fields
 
 from transformers import Qwen2Config
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 # Published vision towers: name -> (image size). Both are UMT ViT-L/16 with tubelet 1.
@@ -57,10 +58,8 @@ class VideoChatFlashConfig(Qwen2Config):
         **kwargs,
     ):
         if mm_vision_tower not in VISION_TOWER_IMAGE_SIZE and not vision_config:
-            raise ValueError(
-                f"unknown mm_vision_tower {mm_vision_tower!r}: expected one of {sorted(VISION_TOWER_IMAGE_SIZE)} "
-                "or explicit vision_config dims"
-            )
+            raise ValueError(f"unknown mm_vision_tower {mm_vision_tower!r}: expected one of "
+                             f"{sorted(VISION_TOWER_IMAGE_SIZE)} or explicit vision_config dims")
         if mm_projector_type != "tome16_mlp_hd64":
             raise ValueError(f"unsupported mm_projector_type {mm_projector_type!r}: only 'tome16_mlp_hd64' exists")
         if mm_newline_position not in ("nothing", None):
@@ -93,26 +92,29 @@ class VideoChatFlashConfig(Qwen2Config):
     def image_size(self) -> int:
         return self.vision_config["image_size"]
 
-    def validate_token_dropping(self) -> None:
+    def validate_token_dropping(self, cache=None, cache_implementation=None) -> None:
         """Raise ValueError unless ``llm_compress_type``, ``llm_compress_layer_list`` (drop stages open after these
         layers) and ``llm_image_token_ratio_list`` (visual tokens alive per stage, one more entry) can work with this
-        LLM depth. Checked when dropping is used (the model card switches it on after loading), not at construction.
-        """
+        LLM depth, and the `cache` (or generate()'s `cache_implementation`) is not of fixed length: the layers after a
+        drop cache fewer keys than layer 0. Checked when dropping is used (the model card switches it on after
+        loading), not at construction."""
         layers, ratios = self.llm_compress_layer_list, self.llm_image_token_ratio_list
         if self.llm_compress_type not in LLM_COMPRESS_TYPES:
             raise ValueError(f"llm_compress_type={self.llm_compress_type!r}: expected one of {LLM_COMPRESS_TYPES}")
         if len(ratios) != len(layers) + 1:
-            raise ValueError(
-                f"llm_image_token_ratio_list needs one more entry than llm_compress_layer_list "
-                f"(got {len(ratios)} ratios for {len(layers)} layers)"
-            )
+            raise ValueError(f"llm_image_token_ratio_list needs one more entry than llm_compress_layer_list "
+                             f"(got {len(ratios)} ratios for {len(layers)} layers)")
         if sorted(set(layers)) != list(layers) or not all(1 <= n < self.num_hidden_layers for n in layers):
-            raise ValueError(
-                f"llm_compress_layer_list={layers} must be increasing and within [1, {self.num_hidden_layers - 1}]: "
-                "a drop after layer n is scored with layer n's successor, so the last layer cannot drop"
-            )
+            raise ValueError(f"llm_compress_layer_list={layers} must be increasing and within [1, "
+                             f"{self.num_hidden_layers - 1}]: a drop after layer n is scored with layer n's successor, "
+                             "so the last layer cannot drop")
         if any(b > a for a, b in zip(ratios, ratios[1:])):
             raise ValueError(f"llm_image_token_ratio_list={ratios} must not increase")
+        if getattr(cache, "is_compileable", False) or cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+            name = type(cache).__name__ if cache is not None else f"cache_implementation={cache_implementation!r}"
+            raise ValueError(f"in-LLM visual token dropping (config.mm_llm_compress) shortens the caches of the layers "
+                             f"after each drop, which a cache of fixed length ({name}) cannot hold: use the default "
+                             "dynamic cache, or disable config.mm_llm_compress to use a static one")
 
 
 class VideoChatFlashQwenConfig(VideoChatFlashConfig):

@@ -13,6 +13,8 @@ renders the chat template, samples the frames with the original training rule (`
 the placeholders (16 tokens per frame + the time message) and, with ``return_assistant_tokens_mask``, marks the tokens
 the template's ``{% generation %}`` blocks hold: each answer, its ``<|im_end|>`` and the newline after it.
 
+:func:`check_records` vets every record (conversations, media files present) before a run loads its model.
+
 ``label_mode="original"`` reproduces the original ``preprocess_qwen`` targets bit for bit: whole assistant turns
 including their ``<|im_start|>assistant\\n`` header, plus every ``<|im_start|>``, ``<|im_end|>`` and lone
 ``"\\n"`` token of the sequence. ``prompt_format="plain"`` (stage 1) is ``preprocess_plain``: the visual tokens, then
@@ -75,8 +77,9 @@ def load_records(spec, data_root: str | None = None, seed: int = 42, base_dir=No
     if spec is None:
         raise ValueError("no training data: give a JSON/JSONL file, a dataset-list YAML or a list of them")
     if isinstance(spec, (list, tuple)):
-        if all(isinstance(item, dict) and "conversations" in item for item in spec):
-            return [dict(item, _data_root=item.get("_data_root", data_root)) for item in spec]
+        if any(isinstance(item, dict) and "conversations" in item for item in spec):  # records (check_records vets)
+            return [dict(item, _data_root=item.get("_data_root", data_root)) if isinstance(item, dict) else item
+                    for item in spec]
         return [record for item in spec for record in load_records(item, data_root, seed, base_dir)]
     if isinstance(spec, dict):
         records = load_records(spec.get("json_path") or spec.get("path"), spec.get("data_root", data_root), seed,
@@ -95,12 +98,58 @@ def load_records(spec, data_root: str | None = None, seed: int = 42, base_dir=No
         if not datasets:
             raise ValueError(f"{path}: a dataset-list YAML needs a 'datasets:' list of {{json_path: ...}} entries")
         return load_records(datasets, data_root, seed, base_dir=path.parent)
-    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else (
-        json.loads(text))
+    try:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else (
+            json.loads(text))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid {'JSON Lines' if path.suffix == '.jsonl' else 'JSON'} ({error})") from None
     records = records["data"] if isinstance(records, dict) and "data" in records else records
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records")
     return load_records(records, data_root, seed, base_dir)
+
+
+def check_records(records: list, skip_bad: bool = False, shown: int = 5) -> list[dict]:
+    """`records` vetted before a run loads its model: each one's conversations (:func:`record_messages`) and media
+    files (existing, non-empty regular files: a stat, no decoding). Bad records raise one ``ValueError`` that counts
+    them and names the first `shown`; with `skip_bad` they are left out with a warning instead."""
+    problems = {}
+    for index, record in enumerate(records):
+        try:
+            if not isinstance(record, dict):
+                raise ValueError(f"a record is a mapping, got {type(record).__name__}")
+            messages = record_messages(record)
+        except Exception as error:  # noqa: BLE001 - a malformed record (e.g. turns that are no mappings)
+            problems[index] = str(error) if isinstance(error, ValueError) else f"malformed record ({error!r})"
+            continue
+        paths = [block["path"] for message in messages if isinstance(message["content"], list)
+                 for block in message["content"] if "path" in block]
+        problem = next(filter(None, map(_media_problem, paths)), None)
+        if problem:
+            problems[index] = problem
+    if not records:
+        raise ValueError("no training records: the training data is empty")
+    if not problems:
+        return list(records)
+    summary = f"{len(problems)} of {len(records)} training records are bad: {_listing(problems, shown)}"
+    if not skip_bad or len(problems) == len(records):
+        raise ValueError(summary + (" (none is left to train on)" if skip_bad else
+                                    " (fix them, or set skip_bad_samples: true to train without them)"))
+    warnings.warn(f"{summary}; training without them (skip_bad_samples)", stacklevel=2)
+    return [record for index, record in enumerate(records) if index not in problems]
+
+
+def _media_problem(path: str) -> str | None:
+    if "://" in path:
+        return f"{path!r}: URLs are not supported yet (download the file first)"
+    if not os.path.isfile(path):
+        return f"media file {'not found' if not os.path.exists(path) else 'is not a regular file'}: {path!r}"
+    return f"media file is empty: {path!r}" if os.path.getsize(path) == 0 else None
+
+
+def _listing(problems: dict, shown: int) -> str:
+    first = "; ".join(f"record {index}: {problem}" for index, problem in list(problems.items())[:shown])
+    return first + (f"; ... ({len(problems) - shown} more)" if len(problems) > shown else "")
 
 
 def record_messages(record: dict, system_message: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:

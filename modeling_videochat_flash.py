@@ -14,9 +14,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .chat_videochat_flash import VideoChatFlashChatMixin
 from .configuration_videochat_flash import CACHE_KWARG, VideoChatFlashConfig, VideoChatFlashQwenConfig
+from .pipeline_videochat_flash import VideoTextToTextPipeline  # noqa: F401 - imported so that saving copies the file
 from .token_dropping import decoding_stage, drop_stage, labels_at_kept_positions, prepare_dropping, record_stage
 from .vision_tower.token_merging import ToMeProjector
 from .vision_tower.umt import UMTVisionTower
@@ -29,21 +32,15 @@ CPU_TOWER_CALL_BYTES = 32 * 1024**2
 
 @dataclass
 class VideoChatFlashModelOutput(BaseModelOutputWithPast):
-    """
-    kept_token_index (`torch.LongTensor` of shape `(batch, kept_len)`, *optional*):
-        Set when visual tokens were dropped inside the LLM: for each output position, the index of the input
-        position it comes from (-1 for padding). Labels and positions map through it.
-    """
+    """kept_token_index (`(batch, kept_len)`, *optional*): set when visual tokens were dropped inside the LLM: for each
+    output position, the input position it comes from (-1 for padding). Labels and positions map through it."""
 
     kept_token_index: torch.LongTensor | None = None
 
 
 @dataclass
 class VideoChatFlashCausalLMOutput(CausalLMOutputWithPast):
-    """
-    kept_token_index (`torch.LongTensor` of shape `(batch, kept_len)`, *optional*):
-        See [`VideoChatFlashModelOutput`]; logits are given for the kept positions only.
-    """
+    """kept_token_index: see [`VideoChatFlashModelOutput`]; logits are given for the kept positions only."""
 
     kept_token_index: torch.LongTensor | None = None
 
@@ -53,21 +50,26 @@ def _model_output(output_class, cache, **fields):
     return output_class(**fields, **{CACHE_KWARG: cache})
 
 
-def _causal_mask(key_mask, query_length, key_length, dtype, device, attn_implementation):
-    """Mask of `query_length` new tokens attending to `key_length` cached + new keys (`key_mask` `(batch, key_length)`
-    bool, None when all are real): None where the kernel needs none (sdpa's causal path, single-token decoding), the
-    2D key mask for flash attention, else `(batch, 1, query, key)`, bool for sdpa, additive float for eager. Padded
-    queries attend to themselves, so no row is fully masked (that would give NaN with sdpa)."""
-    all_real = key_mask is None or bool(key_mask.all())
+def _causal_mask(key_mask, query_length, key_length, dtype, device, attn_implementation, query_start=None):
+    """Mask of `query_length` new tokens at `query_start` (default: the last ones) attending to `key_length` keys
+    (`key_mask` `(batch, <= key_length)` bool, None when all are real; a static cache's unwritten slots beyond it are
+    masked): None where the kernel needs none (sdpa's causal path, single-token decoding), the 2D key mask for flash
+    attention, else `(batch, 1, query, key)`, bool for sdpa, additive float for eager. Padded queries attend to
+    themselves, so no row is fully masked (that would give NaN with sdpa)."""
+    query_start = key_length - query_length if query_start is None else query_start
+    written = query_start + query_length
+    if key_mask is not None:
+        key_mask = nn.functional.pad(key_mask.bool(), (0, key_length - key_mask.shape[1]))
+    all_real = (key_mask is None or bool(key_mask[:, :written].all())) and written == key_length
     if "flash" in attn_implementation:
-        return None if all_real else key_mask.long()
+        return None if all_real or key_mask is None else key_mask.long()
     if all_real and (query_length == 1 or (query_length == key_length and attn_implementation == "sdpa")):
         return None
     key_index = torch.arange(key_length, device=device)
-    query_index = key_index[key_length - query_length :]
+    query_index = key_index[query_start:written]
     allowed = (key_index[None, :] <= query_index[:, None])[None]  # (1, query, key)
     if key_mask is not None:
-        allowed = (allowed & key_mask[:, None, :].bool()) | (key_index[None, :] == query_index[:, None])
+        allowed = (allowed & key_mask[:, None, :]) | (key_index[None, :] == query_index[:, None])
     allowed = allowed[:, None]  # (batch, 1, query, key)
     if attn_implementation == "sdpa":
         return allowed
@@ -77,11 +79,20 @@ def _causal_mask(key_mask, query_length, key_length, dtype, device, attn_impleme
 def _default_position_ids(key_mask, past_length, batch, query_length, device):
     """`(batch, seq)` positions of the new tokens: with a padding mask `(batch, past + seq)` they count real tokens
     only (so a left-padded row starts at 0, as it would alone), else they run on from `past_length`."""
-    if key_mask is not None:
-        position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
-    else:
-        position_ids = torch.arange(past_length, past_length + query_length, device=device)[None]
-    return position_ids.expand(batch, -1)
+    if key_mask is None:
+        return torch.arange(past_length, past_length + query_length, device=device)[None].expand(batch, -1)
+    return (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
+
+
+def _unpad_frames(video, count, prefer_end):
+    """The `count` real frames of a `(T, 3, S, S)` row padded with zero frames. Normalised real frames are never all
+    zero, so the padding is the all-zero rest, after the real frames or (left padding) before them; when both qualify
+    (count == T, or zero test frames) `prefer_end` (left-padded text) picks the end. ValueError when neither does."""
+    start_ok, end_ok = not bool(video[count:].any()), not bool(video[: len(video) - count].any())
+    if not 0 < count <= len(video) or not (start_ok or end_ok):
+        raise ValueError(f"video_frame_counts gives {count} real frames of {len(video)}, but neither the first nor the "
+                         "last frames beyond them are zero padding")
+    return video[len(video) - count :] if end_ok and (prefer_end or not start_ok) else video[:count]
 
 
 class VideoChatFlashPreTrainedModel(PreTrainedModel):
@@ -98,13 +109,23 @@ class VideoChatFlashPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    _can_record_outputs = {"attentions": "self_attn"}  # output 1 (eager weights) of modules named so: Qwen2Attention
+
+    def _apply(self, fn, *args, **kwargs):
+        """nn.Module's moves and casts, but rotary frequencies stay float32 (as transformers builds them for any load
+        dtype): rounded to bfloat16, the angles at a long video prompt's positions would be off by radians."""
+        kept = [(m, dict(m._buffers)) for m in self.modules() if isinstance(m, Qwen2RotaryEmbedding)]
+        super()._apply(fn, *args, **kwargs)
+        for module, buffers in kept:
+            module._buffers.update({name: v.to(module._buffers[name].device) for name, v in buffers.items()})
+        return self
 
     def _init_weights(self, module):
         super()._init_weights(module)
         # UMT attention keeps separate q and v biases (k has none); they are plain parameters.
-        for name in ("q_bias", "v_bias"):
-            if isinstance(getattr(module, name, None), nn.Parameter):
-                nn.init.zeros_(getattr(module, name))
+        for bias in (getattr(module, name, None) for name in ("q_bias", "v_bias")):
+            if isinstance(bias, nn.Parameter):
+                nn.init.zeros_(bias)
 
 
 class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
@@ -113,28 +134,23 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
     def __init__(self, config: VideoChatFlashConfig):
         super().__init__(config)
         for name in ("video_token_id", "image_token_id"):
-            token_id = getattr(config, name)
-            if token_id is not None and not 0 <= token_id < config.vocab_size:
-                raise ValueError(
-                    f"config.{name}={token_id} is outside the embedding table (vocab_size={config.vocab_size}); "
-                    "placeholder tokens must be added to the tokenizer without resizing the embeddings"
-                )
+            if getattr(config, name) is not None and not 0 <= getattr(config, name) < config.vocab_size:
+                raise ValueError(f"config.{name}={getattr(config, name)} is outside the embedding table (vocab_size="
+                                 f"{config.vocab_size}); placeholder tokens must be added to the tokenizer without "
+                                 "resizing the embeddings")
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([Qwen2DecoderLayer(config, index) for index in range(config.num_hidden_layers)])
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
         vision = config.vision_config
         self.vision_tower = UMTVisionTower(
-            hidden_size=vision["hidden_size"], num_hidden_layers=vision["num_hidden_layers"],
-            num_attention_heads=vision["num_attention_heads"], patch_size=vision["patch_size"],
+            **{k: vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")},
             image_size=vision["image_size"], num_frames=config.mm_local_num_frames,
-            select_layer=config.mm_vision_select_layer,
-        )
+            select_layer=config.mm_vision_select_layer)
         self.mm_projector = ToMeProjector(
             mm_hidden_size=config.mm_hidden_size, hidden_size=config.hidden_size,
             num_attention_heads=vision["num_attention_heads"], image_size=vision["image_size"],
-            patch_size=vision["patch_size"], tokens_per_frame=config.tokens_per_frame,
-        )
+            patch_size=vision["patch_size"], tokens_per_frame=config.tokens_per_frame)
         self.gradient_checkpointing = False
         # Clips encoded per vision-tower call (None: `clips_per_tower_call` picks by device). Bounds activation memory
         # on long videos without changing results.
@@ -142,28 +158,30 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------ vision
-    def _split_videos(self, pixel_values_videos, video_frame_counts=None):
+    language_model = property(lambda self: self, doc="The decoder (embeddings, layers, norm): this model itself.")
+
+    def _split_videos(self, pixel_values_videos, video_frame_counts=None, padding_side=None):
         """The accepted video layouts (see `get_video_features`) as a list of `(frames, 3, S, S)` tensors."""
-        if isinstance(pixel_values_videos, (list, tuple)) or pixel_values_videos.dim() == 5:
-            videos = list(pixel_values_videos)
-        elif pixel_values_videos.dim() == 4 and video_frame_counts is None:
-            videos = [pixel_values_videos]
-        elif pixel_values_videos.dim() == 4:
-            videos = list(torch.split(pixel_values_videos, [int(n) for n in video_frame_counts], dim=0))
-        else:
-            raise ValueError(
-                "pixel_values_videos must be (videos, frames, 3, S, S), a list of (frames, 3, S, S) tensors, or "
-                f"(total_frames, 3, S, S) with video_frame_counts; got shape {tuple(pixel_values_videos.shape)}"
-            )
+        videos, counts = pixel_values_videos, video_frame_counts
+        counts = None if counts is None else [int(n) for n in counts]
+        if not isinstance(videos, (list, tuple)) and videos.dim() == 4:
+            videos = [videos] if counts is None else torch.split(videos, counts, dim=0)
+        elif not isinstance(videos, (list, tuple)) and videos.dim() != 5:
+            raise ValueError("pixel_values_videos must be (videos, frames, 3, S, S), a list of (frames, 3, S, S) "
+                             "tensors, or (total_frames, 3, S, S) with video_frame_counts; got shape "
+                             f"{tuple(videos.shape)}")
+        elif not isinstance(videos, (list, tuple)) and counts is not None:  # zero-padded rows of a batch
+            if len(counts) != len(videos):
+                raise ValueError(f"{len(counts)} video_frame_counts for {len(videos)} padded videos")
+            videos = [_unpad_frames(video, count, padding_side == "left") for video, count in zip(videos, counts)]
         clip = self.config.mm_local_num_frames
         for index, video in enumerate(videos):
-            if video.dim() != 4 or video.shape[0] % clip:
+            if video.dim() != 4 or video.shape[0] % clip or not video.shape[0]:
                 raise ValueError(
                     f"video {index} has {video.shape[0] if video.dim() == 4 else tuple(video.shape)} frames: the model "
                     f"encodes clips of mm_local_num_frames={clip} frames, so the frame count must be a positive "
-                    f"multiple of {clip} (the processor always samples such counts)"
-                )
-        return videos
+                    f"multiple of {clip} (the processor always samples such counts)")
+        return list(videos)
 
     @property
     def clips_per_tower_call(self) -> int:
@@ -182,8 +200,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
     def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
         """`(num_clips, clip_frames, 3, S, S)` normalised pixels -> `(num_clips, 16 * clip_frames, hidden_size)`
         projected tokens in time order, `clips_per_tower_call` clips per vision-tower call."""
-        clip_frames = clips.shape[1]
-        outputs = []
+        clip_frames, outputs = clips.shape[1], []
         for chunk in torch.split(clips, self.clips_per_tower_call):
             chunk = chunk.to(device=self.vision_tower_device, dtype=self.vision_tower_dtype)
             features = self._run_vision_tower(chunk)  # (clips, frames * patches, width)
@@ -202,22 +219,26 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
 
     @property
     def vision_tower_device(self):
-        return next(self.vision_tower.parameters()).device
+        """Where the tower runs: the execution device of accelerate's hooks when offloaded (weights on `meta`)."""
+        hooks = (m._hf_hook for m in self.vision_tower.modules() if hasattr(m, "_hf_hook"))
+        device = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), None)
+        return torch.device(device) if device is not None else next(self.vision_tower.parameters()).device
 
     @property
     def vision_tower_dtype(self):
-        return next(self.vision_tower.parameters()).dtype
+        return next(p.dtype for p in self.vision_tower.parameters() if p.is_floating_point())
 
-    def get_video_features(self, pixel_values_videos, video_frame_counts=None, return_dict=False, **kwargs):
-        """Videos `(videos, frames, 3, S, S)`, a list of `(frames_i, 3, S, S)`, or `(total_frames, 3, S, S)` with
+    def get_video_features(self, pixel_values_videos, video_frame_counts=None, return_dict=False, padding_side=None,
+                           **kwargs):
+        """Videos `(videos, frames, 3, S, S)` (with `video_frame_counts`: zero-padded along frames, as pipelines batch
+        them; see `_unpad_frames`), a list of `(frames_i, 3, S, S)`, or `(total_frames, 3, S, S)` with
         `video_frame_counts` -> a tuple of one `(16 * frames_i, hidden_size)` tensor per video (the ``pooler_output``
         of a `BaseModelOutputWithPooling` when `return_dict`). Raises ValueError for other layouts and for frame
         counts that are not multiples of ``mm_local_num_frames``."""
-        videos = self._split_videos(pixel_values_videos, video_frame_counts)
+        videos = self._split_videos(pixel_values_videos, video_frame_counts, padding_side)
         clip = self.config.mm_local_num_frames
-        clips = torch.cat([video.reshape(-1, clip, *video.shape[1:]) for video in videos])
-        tokens = self.encode_clips(clips)  # (total_clips, 64, hidden)
-        per_video = torch.split(tokens, [video.shape[0] // clip for video in videos])
+        tokens = self.encode_clips(torch.cat([video.reshape(-1, clip, *video.shape[1:]) for video in videos]))
+        per_video = torch.split(tokens, [video.shape[0] // clip for video in videos])  # (clips_i, 64, hidden) each
         features = tuple(t.reshape(-1, t.shape[-1]) for t in per_video)
         return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
 
@@ -228,59 +249,68 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
             pixel_values = pixel_values[None]
         pixel_values = pixel_values.to(device=self.vision_tower_device, dtype=self.vision_tower_dtype)
         features = self._run_vision_tower(pixel_values[:, None])  # single frame -> image position table
-        tokens = self.mm_projector(features, compress=False)  # (images, 64, hidden)
-        features = tuple(tokens)
+        features = tuple(self.mm_projector(features, compress=False))  # (64, hidden) per image
         return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        """`(batch, seq, 1)` bool image and video placeholder masks, from `input_ids` (else by matching placeholder
+        embeddings), as LLaVA-OneVision's. Raises ValueError unless given `(tokens, hidden)` features have one row
+        per placeholder."""
+        masks = []
+        for kind, features in (("image", image_features), ("video", video_features)):
+            token_id = getattr(self.config, f"{kind}_token_id")
+            mask = torch.zeros_like(inputs_embeds[..., 0], dtype=torch.bool)
+            if token_id is not None and input_ids is not None:
+                mask = input_ids == token_id
+            elif token_id is not None:  # located by the placeholder's embedding
+                mask = (inputs_embeds == self.embed_tokens(torch.tensor(token_id, device=mask.device))).all(-1)
+            if features is not None and int(mask.sum()) * inputs_embeds.shape[-1] != features.numel():
+                raise ValueError(f"{kind} placeholders and {kind} features do not match: input_ids hold "
+                                 f"{int(mask.sum())} {kind} tokens (id {token_id}) but the {kind} inputs give "
+                                 f"{features.shape[0]} visual tokens")
+            masks.append(mask[..., None].to(inputs_embeds.device))
+        return tuple(masks)
 
     def embed_multimodal(
         self, input_ids, inputs_embeds=None, pixel_values_videos=None, video_frame_counts=None, pixel_values=None,
-        mm_encoder_outputs=None,
+        mm_encoder_outputs=None, attention_mask=None,
     ):
         """`(batch, seq, hidden)` text embeddings with the visual tokens written at their placeholders; the pixels are
         encoded unless `mm_encoder_outputs` (``{"video" / "image": BaseModelOutputWithPooling}``) holds their tokens.
         Raises ValueError when placeholders and visual tokens do not match."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        mm_encoder_outputs = dict(mm_encoder_outputs or {})
-        if mm_encoder_outputs.get("video") is None and pixel_values_videos is not None:
-            mm_encoder_outputs["video"] = self.get_video_features(pixel_values_videos, video_frame_counts, True)
-        if mm_encoder_outputs.get("image") is None and pixel_values is not None:
-            mm_encoder_outputs["image"] = self.get_image_features(pixel_values, True)
-        for kind in ("video", "image"):
-            token_id = getattr(self.config, f"{kind}_token_id")
-            encoded = mm_encoder_outputs.get(kind)
-            if encoded is None:
-                if input_ids is not None and token_id is not None and bool((input_ids == token_id).any()):
-                    raise ValueError(
-                        f"input_ids hold {int((input_ids == token_id).sum())} {kind} placeholder tokens but no {kind} "
-                        "input was given (0 visual tokens)"
-                    )
-                continue
-            if input_ids is None:
+        encoded = dict(mm_encoder_outputs or {})
+        if encoded.get("video") is None and pixel_values_videos is not None:  # padding side: the text's, if padded
+            left = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask[:, 0].all())
+            encoded["video"] = self.get_video_features(pixel_values_videos, video_frame_counts, True,
+                                                       "left" if left else None)
+        if encoded.get("image") is None and pixel_values is not None:
+            encoded["image"] = self.get_image_features(pixel_values, True)
+        features = {kind: torch.cat(list(output.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
+                    for kind, output in encoded.items() if output is not None}
+        if input_ids is None:
+            if features:
                 raise ValueError("visual inputs need input_ids to locate their placeholder tokens")
-            if token_id is None:
-                raise ValueError(f"config.{kind}_token_id is not set, so {kind} placeholders cannot be located")
-            features = torch.cat(list(encoded.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
-            placeholder = input_ids == token_id
-            if int(placeholder.sum()) != features.shape[0]:
-                raise ValueError(
-                    f"{kind} placeholders and {kind} features do not match: input_ids hold {int(placeholder.sum())} "
-                    f"{kind} tokens (id {token_id}) but the {kind} inputs give {features.shape[0]} visual tokens"
-                )
-            inputs_embeds = inputs_embeds.masked_scatter(placeholder[..., None].expand_as(inputs_embeds), features)
+            return inputs_embeds
+        masks = self.get_placeholder_mask(input_ids, inputs_embeds, features.get("image"), features.get("video"))
+        for kind, mask in zip(("image", "video"), masks):
+            if kind in features:
+                inputs_embeds = inputs_embeds.masked_scatter(mask.expand_as(inputs_embeds), features[kind])
+            elif bool(mask.any()):
+                raise ValueError(f"input_ids hold {int(mask.sum())} {kind} placeholder tokens but no {kind} input was "
+                                 "given (0 visual tokens)")
         return inputs_embeds
 
     def visual_token_mask(self, input_ids):
         """`(batch, seq)` bool: which positions hold visual tokens (None without input_ids)."""
         if input_ids is None:
             return None
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token_id in (self.config.video_token_id, self.config.image_token_id):
-            if token_id is not None:
-                mask |= input_ids == token_id
-        return mask
+        ids = [i for i in (self.config.video_token_id, self.config.image_token_id) if i is not None]
+        return torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
 
     # ------------------------------------------------------------------------------------------------ LLM
+    @capture_outputs
     def forward(
         self,
         # text and cache, in Qwen2Model's order (`past_key_values`, last, is the cache's name before transformers 5.24)
@@ -297,88 +327,83 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         which ranks visual tokens from the tokens right before each answer. `drop_query_position` (an index or
         `(batch,)`) is the token whose attention ranks them (default: the last real token, the end of the prompt);
         the prompt's last index lets an uncached forward over prompt + generated tokens rank as the cached prefill did.
+        `output_attentions` needs eager attention (after a drop, the weights cover the kept positions).
         """
         cache = cache if cache is not None else past_key_values
         if input_ids is None and inputs_embeds is None:
             raise ValueError("You must specify input_ids or inputs_embeds")
-        if inputs_embeds is None or pixel_values_videos is not None or pixel_values is not None or mm_encoder_outputs:
-            inputs_embeds = self.embed_multimodal(
-                input_ids, inputs_embeds, pixel_values_videos, video_frame_counts, pixel_values, mm_encoder_outputs
-            )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False  # recomputed layers would append to the cache twice
+        attention = self.config._attn_implementation
+        if kwargs.get("output_attentions", self.config.output_attentions) and attention != "eager":
+            raise ValueError(f"output_attentions=True needs attn_implementation='eager' (got {attention!r}, which "
+                             "returns no attention weights)")
+        # Not with checkpointing in training: recomputed layers would append to the cache twice.
+        use_cache = (self.config.use_cache if use_cache is None else use_cache) and not (
+            self.gradient_checkpointing and self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        batch, query_length = inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0  # layer 0 is never shortened
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        if position_ids is None:
-            position_ids = _default_position_ids(key_mask, past_length, batch, query_length, inputs_embeds.device)
-        # Labels choose the queries that rank visual tokens in training only; inference ranks from the prompt's end.
+        # Before encoding, so bad dropping settings fail first. Labels choose the queries that rank visual tokens in
+        # training only; inference ranks from the prompt's end.
         drop, state = prepare_dropping(self.config, self.visual_token_mask(input_ids), key_mask, cache, use_cache,
                                        labels if self.training else None, drop_query_position)
+        if inputs_embeds is None or pixel_values_videos is not None or pixel_values is not None or mm_encoder_outputs:
+            inputs_embeds = self.embed_multimodal(input_ids, inputs_embeds, pixel_values_videos, video_frame_counts,
+                                                  pixel_values, mm_encoder_outputs, attention_mask)
+        batch, query_length = inputs_embeds.shape[:2]
+        past_length = int(cache.get_seq_length()) if cache is not None else 0  # layer 0 is never shortened
+        # Keys the layers see: cached + new, or a static cache's full length (its unwritten slots are masked).
+        key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else query_length
+        if position_ids is None:
+            position_ids = _default_position_ids(key_mask, past_length, batch, query_length, inputs_embeds.device)
+        stage_inputs = self._stage_inputs(inputs_embeds, position_ids, key_mask, key_length, past_length)
         hidden_states, all_hidden_states, drop = self._decoder_layers(
-            inputs_embeds, position_ids, key_mask, past_length, cache, use_cache, drop, state, output_hidden_states,
-            **kwargs,
-        )
+            inputs_embeds, position_ids, key_mask, stage_inputs, cache, use_cache, drop, state, output_hidden_states,
+            **kwargs)
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        kept_token_index = drop.kept_index if drop is not None else None
+        all_hidden_states = all_hidden_states + (hidden_states,) if output_hidden_states else None
         return _model_output(VideoChatFlashModelOutput, cache if use_cache else None, last_hidden_state=hidden_states,
-                             hidden_states=all_hidden_states, kept_token_index=kept_token_index)
+                             hidden_states=all_hidden_states, kept_token_index=getattr(drop, "kept_index", None))
 
     def _decoder_layers(
-        self, hidden_states, position_ids, key_mask, past_length, cache, use_cache, drop, state, output_hidden_states,
+        self, hidden_states, position_ids, key_mask, stage_inputs, cache, use_cache, drop, state, output_hidden_states,
         **kwargs,
     ):
-        """The decoder layers on `(batch, seq, hidden)` embeddings; a drop stage opens after each layer of
-        ``llm_compress_layer_list``. A prefill with visual tokens (`drop` set) drops them there and records the stage
-        in the cache's `state`; a cached decoding step takes the stage's positions and key mask from `state`. The mask
-        and rotary embeddings change only when a stage opens. Returns the last layer's `(batch, kept_len, hidden)`
-        output, every layer's input (with `output_hidden_states`, else None) and the bookkeeping after the last drop.
-        """
+        """The decoder layers on `(batch, seq, hidden)` embeddings, from the first stage's `(mask, rotary)` inputs; a
+        drop stage opens after each layer of ``llm_compress_layer_list``. A prefill with visual tokens (`drop` set)
+        drops them there and records the stage in the cache's `state`; a cached decoding step takes the stage's
+        positions and key mask from `state`. The mask and rotary embeddings change only when a stage opens. Returns
+        the last layer's `(batch, kept_len, hidden)` output, every layer's input (a tuple) and the bookkeeping after
+        the last drop."""
         stage_layers = self.config.llm_compress_layer_list if self.config.mm_llm_compress else []
         new_valid = key_mask[:, -hidden_states.shape[1] :] if key_mask is not None else None
-        positions = position_ids  # stage 0 uses the given positions
-        layer_mask, position_embeddings = self._stage_inputs(
-            hidden_states, positions, key_mask, past_length + hidden_states.shape[1]
-        )
-        all_hidden_states = () if output_hidden_states else None
+        positions, (layer_mask, position_embeddings) = position_ids, stage_inputs  # stage 0: the given positions
+        all_hidden_states = ()
         for layer_index, decoder_layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+            all_hidden_states += (hidden_states,) if output_hidden_states else ()
             hidden_states = decoder_layer(
                 hidden_states, attention_mask=layer_mask, position_ids=positions, use_cache=use_cache,
-                position_embeddings=position_embeddings, **{CACHE_KWARG: cache}, **kwargs,
-            )
+                position_embeddings=position_embeddings, **{CACHE_KWARG: cache}, **kwargs)
             if layer_index + 1 not in stage_layers:
                 continue
             stage = stage_layers.index(layer_index + 1) + 1
             if drop is not None:  # prefill: drop visual tokens now
-                hidden_states, positions, drop = drop_stage(
-                    self.config, self.layers, self.rotary_emb, stage, drop, hidden_states, positions
-                )
+                hidden_states, positions, drop = drop_stage(self.config, self.layers, self.rotary_emb, stage, drop,
+                                                            hidden_states, positions)
                 if state is not None:
                     record_stage(state, stage, drop)
                 stage_key_mask = drop.valid
             else:  # decoding (or text only): follow what the prefill dropped, if anything
-                decoded = decoding_stage(state, stage, position_ids, new_valid) if state is not None else None
-                if decoded is None:
+                if state is None or (decoded := decoding_stage(state, stage, position_ids, new_valid)) is None:
                     continue
                 positions, stage_key_mask = decoded
-            layer_mask, position_embeddings = self._stage_inputs(
-                hidden_states, positions, stage_key_mask, stage_key_mask.shape[1]
-            )
+            layer_mask, position_embeddings = self._stage_inputs(hidden_states, positions, stage_key_mask,
+                                                                 stage_key_mask.shape[1])
         return hidden_states, all_hidden_states, drop
 
-    def _stage_inputs(self, hidden_states, positions, key_mask, key_length):
+    def _stage_inputs(self, hidden_states, positions, key_mask, key_length, query_start=None):
         """Attention mask (see `_causal_mask`) and rotary `(cos, sin)` shared by the layers of one stage."""
-        layer_mask = _causal_mask(
-            key_mask, hidden_states.shape[1], key_length, hidden_states.dtype, hidden_states.device,
-            self.config._attn_implementation,
-        )
+        layer_mask = _causal_mask(key_mask, hidden_states.shape[1], key_length, hidden_states.dtype,
+                                  hidden_states.device, self.config._attn_implementation, query_start)
         return layer_mask, self.rotary_emb(hidden_states, positions)
 
 
@@ -387,6 +412,8 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
     transformers' defaults (`model.embed_tokens`, `lm_head`, `model`), as for Qwen2."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    language_model = property(lambda self: self.model, doc="The decoder (embeddings, layers, norm).")
+    vision_tower = property(lambda self: self.model.vision_tower)
 
     def __init__(self, config: VideoChatFlashConfig):
         super().__init__(config)
@@ -394,20 +421,30 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_video_features(self, pixel_values_videos, video_frame_counts=None, return_dict=False, **kwargs):
-        return self.model.get_video_features(pixel_values_videos, video_frame_counts, return_dict, **kwargs)
+    get_video_features = property(lambda self: self.model.get_video_features)  # the base model's, bound
+    get_image_features = property(lambda self: self.model.get_image_features)
 
-    def get_image_features(self, pixel_values, return_dict=False, **kwargs):
-        return self.model.get_image_features(pixel_values, return_dict, **kwargs)
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        """generate()'s settings; with in-LLM dropping, bad ones (a fixed-length cache) fail before any encoding."""
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        if "max_length" in kwargs and "max_new_tokens" not in kwargs:  # the caller's length beats the folder default
+            generation_config.max_new_tokens = None
+        if self.config.mm_llm_compress:
+            self.config.validate_token_dropping(model_kwargs.get("cache"), generation_config.cache_implementation)
+        return generation_config, model_kwargs
 
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() builds 4D masks for static caches; the layer loop makes its own per drop stage from the 2D one."""
+        return attention_mask
+
+    @can_return_tuple
     def forward(
         self,
         # every model input is named, as generate() needs (see `VideoChatFlashModel.forward`)
         input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None, inputs_embeds=None,
         labels=None, use_cache=None, logits_to_keep=0,
         pixel_values_videos=None, video_frame_counts=None, pixel_values=None, mm_encoder_outputs=None,
-        drop_query_position=None, past_key_values: Cache | None = None,
-        **kwargs,
+        drop_query_position=None, past_key_values: Cache | None = None, **kwargs,
     ) -> VideoChatFlashCausalLMOutput:
         r"""Logits (and with `labels` the loss) of [`VideoChatFlashModel.forward`]'s states. `labels` `(batch, seq)` are
         next-token targets aligned with `input_ids` (shifted inside the loss); visual placeholders and padding are
@@ -419,22 +456,16 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             pixel_values_videos=pixel_values_videos, video_frame_counts=video_frame_counts, pixel_values=pixel_values,
-            mm_encoder_outputs=mm_encoder_outputs, labels=labels, drop_query_position=drop_query_position, **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
+            mm_encoder_outputs=mm_encoder_outputs, labels=labels, drop_query_position=drop_query_position, **kwargs)
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # 0: all
+        logits, loss = self.lm_head(outputs.last_hidden_state[:, kept]), None
         if labels is not None:
             if outputs.kept_token_index is not None:  # logits cover the kept positions only
                 labels = labels_at_kept_positions(labels, outputs.kept_token_index)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return _model_output(VideoChatFlashCausalLMOutput, getattr(outputs, CACHE_KWARG), loss=loss, logits=logits,
-                             hidden_states=outputs.hidden_states, kept_token_index=outputs.kept_token_index)
+                             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                             kept_token_index=outputs.kept_token_index)
 
     def _ignore_visual_and_padding(self, labels, input_ids, attention_mask):
         """`(batch, seq)` labels with visual placeholders and padding set to -100 (nothing to predict there)."""

@@ -292,7 +292,8 @@ class VideoChatFlashProcessor(ProcessorMixin):
         chat_template: defaults to :data:`CHAT_TEMPLATE`.
         video_token / image_token: the placeholders (``<|video_pad|>`` / ``<|image_pad|>``).
         tokens_per_frame (16) / num_image_tokens (64): visual tokens per video frame / per image.
-        padding_side (``"left"``): how batches are padded unless a call says otherwise.
+        padding_side (``"left"``): how the tokenizer pads batches (left: ready for ``generate``, and what the
+            pipelines' batching follows); set on the tokenizer.
     """
 
     _auto_class = "AutoProcessor"
@@ -314,15 +315,13 @@ class VideoChatFlashProcessor(ProcessorMixin):
                                                               for name in VideoChatFlashImageProcessor.PIXEL_OPTIONS})
         self.video_token, self.image_token, self.padding_side = video_token, image_token, padding_side
         self.tokens_per_frame, self.num_image_tokens = tokens_per_frame, num_image_tokens
+        tokenizer.padding_side = padding_side
         super().__init__(image_processor, video_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
         # video first, then image: appended to Qwen2's 151646 tokens they get 151646 and 151647
         self.video_token_id = _ensure_special_token(tokenizer, video_token)
         self.image_token_id = _ensure_special_token(tokenizer, image_token)
 
-    @property
-    def text_kwargs(self) -> dict:
-        """Defaults of the tokenizer call (ProcessorMixin's lowest-priority kwargs)."""
-        return {"padding": True, "padding_side": self.padding_side}
+    text_kwargs = {"padding": True}  # ProcessorMixin's lowest-priority defaults: a batch of prompts is padded
 
     def check_argument_for_proper_class(self, argument_name, argument):
         # The stock check looks the base class up in transformers' namespace, which exports VideoProcessorMixin only
@@ -337,13 +336,15 @@ class VideoChatFlashProcessor(ProcessorMixin):
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         # The image and video processors are this file's classes, built from processor_config.json (AutoVideoProcessor's
         # native branch needs torchvision); the tokenizer loads through AutoTokenizer as usual.
-        subfolder = kwargs.pop("subfolder", "")
+        # Keyword arguments go to the sub-processor that owns them (`max_num_frames=16, size=448`: the video processor).
+        subfolder, processor_dict = kwargs.pop("subfolder", ""), processor_dict or {}
+        video = {k: kwargs.pop(k) for k in VideoChatFlashVideoProcessor.VIDEO_OPTIONS if k in kwargs}
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, subfolder=subfolder,
                                                         **kwargs)
-        processor_dict = processor_dict or {}
-        video_processor = VideoChatFlashVideoProcessor(**processor_dict.get("video_processor", {}))
+        video_processor = VideoChatFlashVideoProcessor(**{**processor_dict.get("video_processor", {}), **video})
+        image = {k: v for k, v in video.items() if k in VideoChatFlashImageProcessor.PIXEL_OPTIONS}
         image_dict = processor_dict.get("image_processor")
-        image_processor = VideoChatFlashImageProcessor(**image_dict) if image_dict is not None else None
+        image_processor = VideoChatFlashImageProcessor(**{**image_dict, **image}) if image_dict is not None else None
         return [image_processor, video_processor, tokenizer]
 
     # ---- ProcessorMixin's hooks: what replaces each placeholder

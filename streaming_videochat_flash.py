@@ -58,7 +58,7 @@ def encode_video_streaming(model, video, *, video_processor: VideoChatFlashVideo
         video_metadata: of decoded frames (``fps``, ``duration``), as for the processor.
         clips_per_chunk: 4-frame clips decoded and encoded together (memory grows with it, not with the frame count).
         prefetch: chunks decoded ahead by a background thread while the model encodes (0: none).
-        progress: a tqdm bar over the frames.
+        progress: a tqdm bar over the frames, drawn only when stderr is a terminal (or in a notebook).
         processor_kwargs: the video processor's options for this call (``max_num_frames``, ``num_frames``, ``fps``,
             ``video_backend``, ...).
 
@@ -78,7 +78,7 @@ def encode_video_streaming(model, video, *, video_processor: VideoChatFlashVideo
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=metadata.num_frames, desc="Encoding video", unit="frame", leave=False)
+        bar = tqdm(total=metadata.num_frames, desc="Encoding video", unit="frame", leave=False, disable=None)
     tokens, done = None, 0  # tokens: (16 * T, hidden), allocated once the first chunk tells width, dtype and device
     try:
         with torch.no_grad():

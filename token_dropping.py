@@ -20,6 +20,9 @@ from functools import partial
 import torch
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Attribute of the cache object that holds its `VisualTokenDropState`.
 DROP_STATE_ATTRIBUTE = "videochat_flash_drop_state"
@@ -60,16 +63,17 @@ def prepare_dropping(config, visual, key_mask, cache, use_cache, labels, drop_qu
     """
     if not config.mm_llm_compress:
         return None, None
-    config.validate_token_dropping()
+    config.validate_token_dropping(cache)
     state = getattr(cache, DROP_STATE_ATTRIBUTE, None) if cache is not None else None
+    if visual is None and (cache is None or cache.get_seq_length() == 0):
+        logger.warning_once("in-LLM token dropping finds the visual tokens by their placeholders in input_ids: with "
+                            "inputs_embeds alone, none is dropped")
     if visual is None or not bool(visual.any()):
         return None, state  # decoding (or text only): positions follow the cache's earlier drops, if any
-    if cache is not None and cache.get_seq_length() > 0:
-        # A drop renumbers the whole sequence and shortens later layers' keys; a cached prefix went in without it.
-        raise ValueError(
-            "in-LLM visual token dropping needs the visual tokens in the first forward pass of a sequence; "
-            "this call has a non-empty cache. Disable config.mm_llm_compress to continue from a cached prefix."
-        )
+    if cache is not None and cache.get_seq_length() > 0:  # a drop renumbers the whole sequence: the prefix went in
+        raise ValueError("in-LLM visual token dropping needs the visual tokens in the first forward pass of a "
+                         "sequence; this call has a non-empty cache. Disable config.mm_llm_compress to continue from a "
+                         "cached prefix.")
     if use_cache:
         state = VisualTokenDropState()
         setattr(cache, DROP_STATE_ATTRIBUTE, state)
@@ -78,16 +82,11 @@ def prepare_dropping(config, visual, key_mask, cache, use_cache, labels, drop_qu
 
 
 def start_bookkeeping(visual, valid, labels=None, drop_query_position=None) -> DropBookkeeping:
-    """Bookkeeping of the input: `(batch, seq)` visual and valid masks, labels only when training.
-
-    The query is `drop_query_position` (an index, or `(batch,)` indices) or else each row's last real token.
-    """
-    batch, length = visual.shape
-    device = visual.device
-    if drop_query_position is None:
-        query_index = length - 1 - valid.flip(-1).long().argmax(-1)
-    else:
-        query_index = torch.as_tensor(drop_query_position, device=device).expand(batch)
+    """Bookkeeping of the input: `(batch, seq)` visual and valid masks, labels only when training. The query is
+    `drop_query_position` (an index, or `(batch,)` indices) or else each row's last real token."""
+    (batch, length), device = visual.shape, visual.device
+    query_index = (length - 1 - valid.flip(-1).long().argmax(-1) if drop_query_position is None
+                   else torch.as_tensor(drop_query_position, device=device).expand(batch))
     query = torch.zeros_like(valid)
     query[torch.arange(batch, device=device), query_index] = True
     visual = visual & valid
@@ -99,17 +98,13 @@ def start_bookkeeping(visual, valid, labels=None, drop_query_position=None) -> D
 def stage_drop_type(compress_type: str, stage: int) -> str:
     """'uniform' or 'attention' for the drop that opens `stage` (1-based)."""
     uniform_stages = _UNIFORM_STAGES.get(compress_type)
-    if uniform_stages is not None:
-        return "uniform" if stage <= uniform_stages else "attention"
-    return compress_type
+    return compress_type if uniform_stages is None else ("uniform" if stage <= uniform_stages else "attention")
 
 
 def query_indices(query, labels=None):
-    """`(queries,)` positions of one sample whose attention ranks its visual tokens.
-
-    `query` `(len,)` bool marks the inference query. With training `labels` `(len,)`, the tokens right before each
-    answer span (labels != -100) instead; None when the sample has no answer.
-    """
+    """`(queries,)` positions of one sample whose attention ranks its visual tokens: `query` `(len,)` bool marks the
+    inference query; with training `labels` `(len,)`, the tokens right before each answer span (labels != -100)
+    instead; None when the sample has no answer."""
     if labels is None:
         return torch.nonzero(query).flatten()
     answer = labels != -100
@@ -129,8 +124,7 @@ def visual_token_scores(next_layer, rotary_emb, hidden_states, positions, valid,
     length, head_dim = hidden_states.shape[0], attention.head_dim
     query = attention.q_proj(normed[queries]).view(len(queries), -1, head_dim).transpose(0, 1)
     key = attention.k_proj(normed).view(length, -1, head_dim).transpose(0, 1)
-    cos, sin = rotary_emb(hidden_states, positions[None])
-    cos, sin = cos[0], sin[0]
+    cos, sin = (t[0] for t in rotary_emb(hidden_states, positions[None]))
     query = query * cos[queries] + rotate_half(query) * sin[queries]
     key = key * cos + rotate_half(key) * sin
     key = key.repeat_interleave(attention.num_key_value_groups, dim=0)
@@ -157,16 +151,14 @@ def select_visual_tokens(drop, hidden_states, positions, ratio, scorer=None):
     selected = torch.zeros_like(drop.visual)
     for i in range(drop.visual.shape[0]):
         candidates = torch.nonzero(drop.visual[i]).flatten()
-        count = candidates.numel()
-        if count == 0:
+        if (count := candidates.numel()) == 0:
             continue
         if scorer is None:
             chosen = uniform_choice(count, int(keep[i]))
         else:
             queries = query_indices(drop.query[i], drop.labels[i] if drop.labels is not None else None)
             if queries is None:
-                chosen = torch.arange(count)
-                keep[i] = count
+                chosen, keep[i] = torch.arange(count), count
             else:
                 scores = scorer(hidden_states[i], positions[i], drop.valid[i], queries)
                 chosen = scores[candidates].topk(int(keep[i])).indices
@@ -198,14 +190,9 @@ def drop_visual_tokens(drop, hidden_states, positions, ratio, scorer=None):
         return picked.masked_fill(~mask, fill) if fill is not None else picked * mask
 
     kept_drop = DropBookkeeping(
-        query=take(drop.query, False),
-        valid=new_valid,
-        visual=take(drop.visual & selected, False),
-        num_visual=drop.num_visual,
-        kept_index=take(drop.kept_index, -1),
-        labels=take(drop.labels, -100) if drop.labels is not None else None,
-        keep=keep,
-    )
+        query=take(drop.query, False), valid=new_valid, visual=take(drop.visual & selected, False),
+        num_visual=drop.num_visual, kept_index=take(drop.kept_index, -1),
+        labels=take(drop.labels, -100) if drop.labels is not None else None, keep=keep)
     return take(hidden_states, None), take(new_positions, 0), kept_drop
 
 
@@ -230,9 +217,8 @@ def decoding_stage(state: VisualTokenDropState, stage: int, position_ids, new_va
     """Cached decoding: `(positions, key_mask)` of the new tokens in the layers of `stage`, from their `(batch, new)`
     layer-0 `position_ids` and bool `new_valid` (None: all real); key_mask `(batch, cached + new)` is also appended
     to the state. None when the prefill dropped nothing before this stage (text only)."""
-    if stage not in state.key_masks:
+    if (cached := state.key_masks.get(stage)) is None:
         return None
-    cached = state.key_masks[stage]
     if new_valid is None:
         new_valid = torch.ones(cached.shape[0], position_ids.shape[-1], dtype=torch.bool, device=cached.device)
     state.key_masks[stage] = torch.cat([cached, new_valid], dim=1)

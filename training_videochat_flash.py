@@ -7,13 +7,16 @@
 A config is one flat YAML (or JSON) mapping of the fields of :class:`ModelArguments`, :class:`DataArguments` and
 transformers' ``TrainingArguments``, parsed with ``HfArgumentParser``. ``stage: stage1..stage4`` fills in the
 original recipe of that stage (:data:`STAGE_PRESETS`, from the original ``scripts/train/*``); the file's own values
-win. Data, prompts and labels: :mod:`data_videochat_flash`. Saves (checkpoints included) load with
+win. Unknown fields are refused (with the nearest field name); quoted numbers and true/false strings are converted.
+Data, prompts and labels: :mod:`data_videochat_flash`; the data file, every record and its media files are checked
+before the model loads (``check_data``). Saves (checkpoints included) load with
 ``AutoModel.from_pretrained(..., trust_remote_code=True)`` under the original key names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import sys
@@ -26,7 +29,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_videochat_flash import VISION_TOWER_IMAGE_SIZE
-from .data_videochat_flash import VideoChatFlashDataCollator, VideoChatFlashTrainingDataset, load_records
+from .data_videochat_flash import VideoChatFlashDataCollator, VideoChatFlashTrainingDataset, check_records, load_records
 from .frame_sampling import CLIP_FRAMES, FrameSampling
 from .hub_export import make_hub_loadable, resolve_model
 from .processing_videochat_flash import DEFAULT_SYSTEM_PROMPT
@@ -89,7 +92,9 @@ class DataArguments:
     train_on_turn_newline: bool = True
     model_max_length: int | None = 32768
     video_backend: str | None = None
-    skip_bad_samples: bool = False
+    skip_bad_samples: bool = field(default=False, metadata={"help": "leave out records that fail to load"})
+    check_data: bool = field(default=True, metadata={
+        "help": "check every record and that its media files exist before the model loads (a stat each)"})
 
 
 def parse_config(config, **overrides) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -123,20 +128,33 @@ def parse_config(config, **overrides) -> tuple[ModelArguments, DataArguments, Tr
              if not name.startswith("_")}
     unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(f"unknown config fields {unknown} (of ModelArguments, DataArguments, TrainingArguments)")
+        close = {name: difflib.get_close_matches(name, hints, 1) for name in unknown}
+        hint = ", ".join(f"{name} -> {match[0]}?" for name, match in close.items() if match)
+        raise ValueError(f"unknown config fields {unknown} (of ModelArguments, DataArguments, TrainingArguments)"
+                         + (f"; did you mean: {hint}" if hint else ""))
     return parser.parse_dict({key: _coerce(key, hints[key], value) for key, value in values.items()})
 
 
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def _coerce(name: str, hint, value):
-    """YAML reads `1e-3` as a string: convert strings given to numeric fields (naming the field when that fails)."""
+    """Strings given to bool and numeric fields converted (YAML reads `1e-3` as a string, quoted values stay strings;
+    "false" would be true), naming the field when that fails. Fields that also take strings keep other strings."""
     kinds = {hint, *typing.get_args(hint)}
-    kind = float if float in kinds else int if int in kinds and bool not in kinds else None
-    if kind is None or not isinstance(value, str):
+    if not isinstance(value, str):
+        return value
+    if bool in kinds:
+        if value.strip().lower() not in _BOOLS and str not in kinds:
+            raise ValueError(f"{name}: {value!r} is not a bool (true or false)")
+        return _BOOLS.get(value.strip().lower(), value)
+    kind = float if float in kinds else int if int in kinds else None
+    if kind is None or str in kinds:
         return value
     try:
         return kind(value)
     except ValueError:
-        raise ValueError(f"{name}: {value!r} is not a {kind.__name__}") from None
+        raise ValueError(f"{name}: {value!r} is not {'a float' if kind is float else 'an int'}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -278,6 +296,9 @@ def _without_zero3(args: TrainingArguments):
 def run_training(config, **overrides) -> VideoChatFlashTrainer:
     """Train from a config file or mapping (`overrides` are extra fields); returns the trainer after training."""
     model_args, data_args, training_args = parse_config(config, **overrides)
+    records = load_records(data_args.train_data, data_args.data_root, training_args.seed)  # data errors come first
+    if data_args.check_data:
+        records = check_records(records, skip_bad=data_args.skip_bad_samples)
     set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)  # after TrainingArguments: ZeRO-3 needs them first
     model.config.use_cache = False
@@ -290,7 +311,7 @@ def run_training(config, **overrides) -> VideoChatFlashTrainer:
     sampling = FrameSampling.training(data_args.frames_upbound, data_args.frames_lowbound, data_args.local_num_frames,
                                       data_args.sample_type)
     dataset = VideoChatFlashTrainingDataset(
-        load_records(data_args.train_data, data_args.data_root, training_args.seed), processor, sampling,
+        records, processor, sampling,
         prompt_format=data_args.prompt_format, system_message=data_args.system_message, time_msg=data_args.time_msg,
         label_mode=data_args.label_mode, train_on_turn_newline=data_args.train_on_turn_newline,
         model_max_length=data_args.model_max_length, video_backend=data_args.video_backend,

@@ -616,6 +616,8 @@ def _classify_input(video) -> tuple[str, Any, str | None]:
     if isinstance(video, (str, os.PathLike)):
         path = os.fsdecode(os.fspath(video))
         if not os.path.exists(path):
+            if path.lower().startswith(("http://", "https://", "ftp://", "rtsp://", "s3://")):
+                raise ValueError(f"video URLs are not supported yet: download {path!r} first and pass the local file")
             raise FileNotFoundError(f"video file not found: {path!r}" if path else "video path is empty")
         problem = ("it is a directory, not a video file" if os.path.isdir(path) else "not a regular file"
                    if not os.path.isfile(path) else "permission denied" if not os.access(path, os.R_OK)

@@ -9,14 +9,18 @@
 
 ``--model`` takes a folder of this package, an original VideoChat-Flash checkpoint (folder or Hub id: converted on
 the fly into the cache, weights linked, not copied), a Hub id, or ``tiny`` (a tiny random model built offline).
-Errors are reported on one line (set ``VIDEOCHAT_FLASH_DEBUG=1`` for the traceback).
+Errors are reported on one line (set ``VIDEOCHAT_FLASH_DEBUG=1`` for the traceback). ``chat`` checks its options and
+the video (it exists, is a readable media file with a video stream: PyAV's packet probe, no decoding) before it
+imports torch or loads a model, so bad input fails at once. The progress bar is drawn only when stderr is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 
 from .hub_export import DEFAULT_MODEL_ID, ModelUnavailableError
 
@@ -27,8 +31,21 @@ TINY_WARNING = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (argparse prints the usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="VideoChat-Flash on transformers v5 (CPU or GPU).")
+    parser = _Parser(prog=PROG, description="VideoChat-Flash on transformers v5 (CPU or GPU).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     chat = commands.add_parser("chat", help="answer a question about a video")
@@ -36,13 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("question", help="what to ask about the video")
     chat.add_argument("--model", default=DEFAULT_MODEL_ID,
                       help=f"folder, Hub id or 'tiny' (default: {DEFAULT_MODEL_ID})")
-    chat.add_argument("--max-frames", type=int, default=None,
+    chat.add_argument("--max-frames", type=_positive_int, default=None,
                       help="most frames sampled from the video (default: chat()'s, 512)")
     chat.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="auto = cuda when available, else cpu")
     chat.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                       help="auto = bfloat16 on cuda, float32 on cpu")
-    chat.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default: the model's)")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                      help="answer length cap (default: the model's)")
     chat.add_argument("--cache-dir", default=None, help="where tiny/converted models are kept")
 
     export = commands.add_parser("export", help="write a model as a self-contained Hub folder")
@@ -87,24 +105,56 @@ def _load(folder, device: str, dtype):
     return model, tokenizer
 
 
+def check_video(video: str) -> None:
+    """What ``chat`` checks before loading anything (numpy, Pillow and PyAV only): the path exists, is no URL, is a
+    readable, non-empty regular file, and is a still image or a media file with video frames (PyAV's packet probe,
+    no decoding). Raises ``FileNotFoundError`` or ``ValueError`` with ``video_loading``'s messages."""
+    from . import video_loading
+
+    kind, _, path = video_loading._classify_input(video)
+    if kind == "file" and video_loading.av is not None:
+        with warnings.catch_warnings():  # a damaged file warns again when it is loaded
+            warnings.simplefilter("ignore")
+            video_loading._pyav_probe(path)
+
+
+@contextlib.contextmanager
+def _bars_on_terminals_only():
+    """transformers' and the Hub's progress bars (weight loading, downloads) off while stderr is no terminal, so logs
+    hold no carriage returns; chat's video bar decides the same way itself (tqdm ``disable=None``)."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
 def cmd_chat(args) -> int:
     from .hub_export import resolve_model
 
-    if not os.path.exists(args.video):
-        raise FileNotFoundError(f"video not found: {args.video}")
-    folder = resolve_model(args.model, cache_dir=args.cache_dir)
-    if args.model == "tiny":
-        print(TINY_WARNING, file=sys.stderr)
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    model, tokenizer = _load(folder, device, dtype)
-    generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
-    sampling = {"max_num_frames": args.max_frames} if args.max_frames else {}
-    answer = model.chat(args.video, tokenizer, args.question, return_history=False, generation_config=generation,
-                        progress=True, **sampling)
+    check_video(args.video)  # before torch is imported or any model loads
+    with _bars_on_terminals_only():
+        folder = resolve_model(args.model, cache_dir=args.cache_dir)
+        if args.model == "tiny":
+            print(TINY_WARNING, file=sys.stderr)
+        device, dtype = _device_and_dtype(args.device, args.dtype)
+        model, tokenizer = _load(folder, device, dtype)
+        generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+        sampling = {"max_num_frames": args.max_frames} if args.max_frames else {}
+        answer = model.chat(args.video, tokenizer, args.question, return_history=False, generation_config=generation,
+                            progress=True, **sampling)
     print(answer)
     return 0
 
 
+@_bars_on_terminals_only()
 def cmd_export(args) -> int:
     from .hub_export import export_hub_folder, resolve_model
 

@@ -240,3 +240,27 @@ def test_chat_on_decoded_frames_uses_the_processors_frame_count(tiny_dir, proces
     assert torch.equal(inputs["input_ids"][0], prompt)  # no duration known: no time message on either path
     output = model.generate(**inputs, **SETTINGS)
     assert processor.decode(new_tokens(output, inputs)[0], skip_special_tokens=True).strip() == answer
+
+
+def test_chat_after_a_dtype_change_and_bounded_caches(tiny_dir, videos, processor):
+    """A model moved to bfloat16 between turns answers the follow-up from a fresh bfloat16 run (no float32 KV cache or
+    tokens reused); the token cache keeps at most chat_cache_size videos and none at 0."""
+    model, lengths, outputs = _chat_model(tiny_dir)
+    _, history = model.chat(videos["main"], processor.tokenizer, QUESTION, generation_config=SETTINGS)
+    model.to(torch.bfloat16)
+    lengths.clear()
+    follow_up, _ = model.chat(videos["main"], processor.tokenizer, "And then?", chat_history=history,
+                              generation_config=SETTINGS)
+    assert lengths[0] == outputs[-1][0].shape[0]  # the whole prompt: the float32 prefix was not reused
+    fresh = VideoChatFlashForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    assert fresh.chat(videos["main"], processor.tokenizer, "And then?", chat_history=history[:2],
+                      generation_config=SETTINGS)[0] == follow_up
+    model = VideoChatFlashForCausalLM.from_pretrained(tiny_dir).eval()
+    model.chat_cache_size = 1
+    for key in ("a", "b"):
+        model.chat(videos[key], processor.tokenizer, QUESTION, generation_config=SETTINGS)
+    assert len(model._chat_feature_cache) == 1 and videos["b"] in next(iter(model._chat_feature_cache))[0]
+    model.chat_cache_size = 0
+    model.clear_chat_cache()
+    model.chat(videos["a"], processor.tokenizer, QUESTION, generation_config=SETTINGS)
+    assert len(model._chat_feature_cache) == 0

@@ -1,12 +1,15 @@
 """The ``videochat-flash`` command line: make-tiny, chat (tiny, folders, default model offline), export, convert,
 train dispatch, packaging."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 import types
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -37,15 +40,45 @@ def test_make_tiny_writes_a_hub_folder(tiny_dir, capsys):
     assert "random" in (tiny_dir / "README.md").read_text()
 
 
-def test_chat_with_a_folder_shows_progress_and_prints_the_answer(tiny_dir, video, capsys):
-    assert videochat_flash_cli.main(["chat", video, QUESTION, "--model", str(tiny_dir), "--max-frames", "16",
-                                     "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"]) == 0
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_chat_with_a_folder_prints_the_answer_and_a_bar_on_terminals_only(tiny_dir, video, capsys, monkeypatch):
+    args = ["chat", video, QUESTION, "--model", str(tiny_dir), "--max-frames", "16", "--device", "cpu",
+            "--dtype", "float32", "--max-new-tokens", "8"]
+    assert videochat_flash_cli.main(args) == 0
     out, err = capsys.readouterr()
     answer = out.strip()
     assert answer and "\n" not in answer
-    assert "Encoding video" in err  # tqdm progress bars
+    assert "Encoding video" not in err and "\r" not in err and "\x1b" not in err  # stderr is no terminal: no bar
     assert "RANDOM" not in err
     print(f"\nCLI answer from the tiny folder: {answer!r}")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert videochat_flash_cli.main(args) == 0
+    assert "Encoding video" in terminal.getvalue() and "\r" in terminal.getvalue()  # the tqdm bar on a terminal
+
+
+def test_chat_refuses_a_url_as_not_supported_yet(tiny_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(tiny_dir, trust_remote_code=True)
+    with pytest.raises(ValueError, match="video URLs are not supported yet: download"):
+        model.chat("https://example.com/clip.mp4", AutoTokenizer.from_pretrained(tiny_dir), QUESTION)
+
+
+def test_chat_log_to_a_pipe_has_no_control_characters(tiny_dir, video):
+    env = {key: value for key, value in os.environ.items() if key not in ("VIDEOCHAT_FLASH_DEBUG",
+                                                                          "HF_HUB_DISABLE_PROGRESS_BARS")}
+    result = subprocess.run([*CLI, "chat", video, QUESTION, "--model", str(tiny_dir), "--max-frames", "16",
+                             "--device", "cpu", "--max-new-tokens", "4"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, timeout=300, check=False)  # bytes: text mode turns \r into \n
+    err = result.stderr.decode()
+    assert result.returncode == 0, err[-2000:]
+    print(f"\nstderr to a pipe: {err!r}")
+    assert "\r" not in err and "\x1b" not in err and "Encoding video" not in err and "Loading weights" not in err
 
 
 def test_chat_model_tiny_is_built_once_and_flagged_random(video, tmp_path, capsys):
@@ -61,13 +94,55 @@ def test_chat_model_tiny_is_built_once_and_flagged_random(video, tmp_path, capsy
     assert (built / ".complete").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
+_SCRIPT = Path(sys.executable).with_name("videochat-flash")
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "videochat_flash.videochat_flash_cli"]
+
+
+@pytest.fixture(scope="module")
+def bad_videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_bad")
+    (root / "notes.mp4").write_text("not a video\n" * 50)
+    (root / "folder.mp4").mkdir()
+    return {"missing": (str(root / "missing.mp4"), "video file not found"),
+            "directory": (str(root / "folder.mp4"), "is a directory"),
+            "text named .mp4": (str(root / "notes.mp4"), "not a readable media file"),
+            "http URL": ("http://example.com/clip.mp4", "URLs are not supported yet"),
+            "https URL": ("https://example.com/clip.mp4", "download"),
+            "--max-frames 0": (str(root / "notes.mp4"), "positive integer")}
+
+
+@pytest.mark.parametrize("case", ["unknown option", "missing", "directory", "text named .mp4", "http URL",
+                                  "https URL", "--max-frames 0"])
+def test_chat_bad_input_fails_fast_on_one_line(case, bad_videos, tiny_dir):
+    """Options and the video are checked before torch is imported or a model is loaded: under 2 s, one line."""
+    path, needle = bad_videos.get(case, (str(bad_videos["missing"][0]), "unrecognized arguments: --bogus"))
+    extra = {"unknown option": ["--bogus"], "--max-frames 0": ["--max-frames", "0"]}.get(case, [])
+    start = time.perf_counter()
+    result = subprocess.run([*CLI, "chat", path, QUESTION, "--model", str(tiny_dir), *extra], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    seconds = time.perf_counter() - start
+    lines = result.stderr.strip().splitlines()
+    print(f"\n{case}: {seconds:.2f} s, rc {result.returncode}: {lines}")
+    assert result.returncode != 0 and result.stdout == "" and len(lines) == 1 and needle in lines[0]
+    assert lines[0].startswith("videochat-flash") and seconds < 2.0
+
+
+def test_chat_input_checks_import_neither_torch_nor_transformers(bad_videos, tiny_dir):
+    code = ("import sys; from videochat_flash.videochat_flash_cli import main\n"
+            f"for path, _ in {list(bad_videos.values())!r}:\n"
+            f"    assert main(['chat', path, 'q', '--model', {str(tiny_dir)!r}]) == 1\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'tqdm') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_default_model_offline_is_one_clear_line(video, tmp_path):
     home = tempfile.mkdtemp(prefix="vcf_cli_hf_home_")
     env = {**os.environ, "HF_HOME": home, "HF_HUB_OFFLINE": "1", "VIDEOCHAT_FLASH_CACHE": str(tmp_path)}
     env.pop("VIDEOCHAT_FLASH_DEBUG", None)
-    result = subprocess.run([sys.executable, "-m", "videochat_flash.videochat_flash_cli", "chat", video, QUESTION], check=False,
-                            cwd=REPO_ROOT,
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*CLI, "chat", video, QUESTION], check=False, cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     print(f"\n{lines}")
@@ -78,7 +153,7 @@ def test_default_model_offline_is_one_clear_line(video, tmp_path):
 def test_missing_video_and_bad_device_are_one_line_errors(tiny_dir, video, tmp_path, capsys, monkeypatch):
     assert videochat_flash_cli.main(["chat", str(tmp_path / "nope.mp4"), QUESTION, "--model", str(tiny_dir)]) == 1
     err = capsys.readouterr()[1].strip()
-    assert err.count("\n") == 0 and "video not found" in err
+    assert err.count("\n") == 0 and "video file not found" in err
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -12,6 +12,7 @@ from videochat_flash.data_videochat_flash import (
     IGNORE_INDEX,
     VideoChatFlashDataCollator,
     VideoChatFlashTrainingDataset,
+    check_records,
     load_records,
     record_messages,
 )
@@ -28,7 +29,8 @@ def media(tmp_path_factory):
 
 
 def decode_trained(tokenizer, item) -> str:
-    return tokenizer.decode([t for t, l in zip(item["input_ids"].tolist(), item["labels"].tolist()) if l != IGNORE_INDEX])
+    pairs = zip(item["input_ids"].tolist(), item["labels"].tolist())
+    return tokenizer.decode([t for t, l in pairs if l != IGNORE_INDEX])
 
 
 def record(video, *turns, key="video"):
@@ -147,7 +149,8 @@ def test_dataset_samples_frames_like_the_original_training_path(media):
     records = [record(name, "<image>\nQ", "A") for name in golden if key in golden[name]]
     assert len(records) == 4
     data = VideoChatFlashTrainingDataset(load_records(records, data_root=str(golden_path("README.md").parent)),
-                                         tiny_processor(), FrameSampling.training(frames_upbound=512, frames_lowbound=64))
+                                         tiny_processor(),
+                                         FrameSampling.training(frames_upbound=512, frames_lowbound=64))
     tokenizer = data.processor.tokenizer
     for index, sample in enumerate(records):
         item, want = data[index], golden[sample["video"]][key]
@@ -164,3 +167,41 @@ def test_dataset_samples_frames_like_the_original_training_path(media):
                                                         {"type": "text", "text": "\nQ"}]}
 
 
+def test_check_records_counts_and_names_the_bad_records(media, tmp_path):
+    """Conversations and media files are checked up front (a stat each, nothing decoded): one error for all."""
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    records = load_records([
+        record("clip0.mp4", "<image>\nQ", "A"),
+        record("missing.mp4", "<image>\nQ", "A"),
+        record("clip1.mp4", "<image>\nQ"),  # no answer
+        record(["image0.png", "gone.png"], "<image> <image> Q", "A", key="image"),
+        record("https://example.com/clip.mp4", "<image>\nQ", "A"),
+        record(str(tmp_path / "empty.mp4"), "<image>\nQ", "A"),
+        record("clip2.mp4", "<image> <image>\nQ", "A"),  # two markers, one video
+        {"video": "clip3.mp4", "conversations": ["not a turn"]},
+    ], data_root=str(media["root"]))
+    good = [records[0]]
+    with pytest.raises(ValueError) as error:
+        check_records(records)
+    message = str(error.value)
+    print(f"\n{message}")
+    assert message.startswith("7 of 8 training records are bad: record 1: media file not found:")
+    assert "missing.mp4" in message and "record 2: a training record needs an assistant" in message
+    assert "gone.png" in message and "record 4: 'https://example.com/clip.mp4': URLs are not supported" in message
+    assert "record 5: media file is empty" in message and "record 6" not in message  # the first 5 are named
+    assert "... (2 more)" in message and "skip_bad_samples" in message
+    with pytest.warns(UserWarning, match="7 of 8 training records are bad"):
+        assert check_records(records, skip_bad=True) == good
+    assert check_records(good) == good
+    with pytest.raises(ValueError, match="none is left"):
+        check_records(records[1:], skip_bad=True)
+    with pytest.raises(ValueError, match="the training data is empty"):
+        check_records([])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"video": "a.mp4", "conversations": []}\n{"video": \n')
+    with pytest.raises(ValueError, match="broken.jsonl: not valid JSON Lines"):
+        load_records(str(broken))
+    mixed = tmp_path / "mixed.json"  # a record without conversations is a bad record, not a dataset spec
+    mixed.write_text(json.dumps([record("clip0.mp4", "<image>\nQ", "A"), {"video": "clip1.mp4"}]))
+    with pytest.raises(ValueError, match="1 of 2 training records are bad: record 1: bad conversations None"):
+        check_records(load_records(str(mixed), data_root=str(media["root"])))

@@ -184,6 +184,33 @@ def test_flat_video_layout_with_frame_counts(tiny):
         assert torch.equal(a, b)
 
 
+def test_zero_padded_video_batch_with_frame_counts(tiny):
+    """(videos, T, 3, S, S) zero-padded along frames (as pipelines batch per-sample outputs) with video_frame_counts:
+    each row's real frames, found on either side of the padding, give the features of the unpadded video."""
+    (_, frames_a), (_, frames_b) = make_sample(4, 2, 3, seed=3), make_sample(12, 2, 3, seed=4)
+    counts = torch.tensor([4, 12])
+    with torch.no_grad():
+        expected = tiny.get_video_features([frames_a, frames_b])
+        for side in ("left", "right"):
+            padded = torch.zeros(2, 12, *frames_a.shape[1:])
+            (padded[0, 8:] if side == "left" else padded[0, :4]).copy_(frames_a)
+            padded[1] = frames_b
+            got = tiny.get_video_features(padded, video_frame_counts=counts)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), side
+        # 8 of 12 frames with zero frames at both ends (only synthetic frames are all zero): both sides qualify, so
+        # the text's padding side decides (the start without one)
+        ambiguous = torch.zeros(1, 12, *frames_a.shape[1:])
+        ambiguous[0, 4:8] = frames_a
+        start = tiny.get_video_features(ambiguous, video_frame_counts=[8])[0]
+        end = tiny.get_video_features(ambiguous, video_frame_counts=[8], padding_side="left")[0]
+        assert torch.equal(start, tiny.get_video_features([ambiguous[0, :8]])[0])
+        assert torch.equal(end, tiny.get_video_features([ambiguous[0, 4:]])[0]) and not torch.equal(start, end)
+    with pytest.raises(ValueError, match="video_frame_counts gives 4 real frames of 12, but neither"):
+        tiny.get_video_features(torch.ones(1, 12, 3, 128, 128), video_frame_counts=[4])
+    with pytest.raises(ValueError, match="1 video_frame_counts for 2 padded videos"):
+        tiny.get_video_features(padded, video_frame_counts=[12])
+
+
 def test_errors_name_the_numbers(tiny):
     ids, frames = make_sample(8, 2, 2, seed=0)
     with pytest.raises(ValueError, match=r"128 video tokens.*64 visual tokens"):

@@ -31,3 +31,40 @@ def test_video_text_to_text_pipeline_inputs(folder_and_video):
         pipe(video, QUESTION, not_an_option=1)
     with pytest.raises(ValueError, match="one question per video"):
         pipe([video, video], [QUESTION])
+
+
+def test_batched_pipelines_equal_single_runs_with_different_frame_counts(folder_and_video, tmp_path):
+    """batch_size=2: the pipelines' collation pads the prompts on the tokenizer's side (the processor's left) and the
+    frames with zeros; the answers are those of single runs, for videos of 8 and 16 frames."""
+    folder, video = folder_and_video
+    short = encode(tmp_path / "short.mp4", 8, fps=8, w=48, h=32)
+    questions = [QUESTION, "And what colour is it, in this other clip?"]
+    pipe = pipeline("video-text-to-text", model=folder, trust_remote_code=True)
+    single = [pipe(v, q, max_new_tokens=8)[0]["generated_text"] for v, q in zip([video, short], questions)]
+    batched = pipe([video, short], questions, max_new_tokens=8, batch_size=2)
+    assert [r[0]["generated_text"] for r in batched] == single
+    stock = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+    chats = [[{"role": "user", "content": [{"type": "video", "path": v}, {"type": "text", "text": q}]}]
+             for v, q in zip([video, short], questions)]
+    alone = [stock(text=chat, max_new_tokens=8)[0]["generated_text"][-1]["content"] for chat in chats]
+    together = stock(text=chats, max_new_tokens=8, batch_size=2)
+    assert [r[0]["generated_text"][-1]["content"] for r in together] == alone
+    assert [a.strip() for a in alone] == single
+
+
+def test_a_save_pretrained_folder_serves_pipeline(folder_and_video, tmp_path):
+    """model.save_pretrained / push_to_hub / Trainer.save_model of a loaded model (remote code) write the pipeline
+    file config.json points to; generate(max_length=...) beats the folder's max_new_tokens."""
+    from transformers import AutoModel, AutoProcessor
+
+    folder, video = folder_and_video
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    model.save_pretrained(tmp_path / "saved")
+    AutoProcessor.from_pretrained(folder, trust_remote_code=True).save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "pipeline_videochat_flash.py").is_file()
+    pipe = pipeline(model=str(tmp_path / "saved"), trust_remote_code=True)
+    assert pipe.task == "video-text-to-text"
+    assert pipe(video, QUESTION, max_new_tokens=4) == pipeline("video-text-to-text", model=folder,
+                                                                trust_remote_code=True)(video, QUESTION, max_new_tokens=4)
+    ids = pipe.processor(text="Hi", return_tensors="pt")["input_ids"]
+    assert model.generate(input_ids=ids, max_length=ids.shape[1] + 3, do_sample=False).shape[1] <= ids.shape[1] + 3

@@ -602,3 +602,24 @@ def test_caller_metadata_of_decoded_frames_gives_one_frame_rate(preprocess_golde
     assert int(sampling(videos=frames, num_frames=None)["video_frame_counts"][0]) == 100
     with pytest.raises(ValueError, match="expected 'short', 'long' or None"):
         processor.video_replacement(4, meta, "medium")
+
+
+def test_from_pretrained_kwargs_reach_their_sub_processor_and_typos_are_reported(tmp_path, caplog):
+    from transformers import AutoProcessor
+
+    processor = make_processor(224)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True, max_num_frames=16, size=448,
+                                           padding_side="right")
+    assert (loaded.video_processor.max_num_frames, loaded.video_processor.size["height"]) == (16, 448)
+    assert loaded.image_processor.size["height"] == 448
+    assert loaded.padding_side == loaded.tokenizer.padding_side == "right"
+    assert processor.tokenizer.padding_side == "left"  # the processor pads for generate, and its tokenizer with it
+    frames = np.zeros((8, 32, 32, 3), np.uint8)
+    with pytest.raises(TypeError, match="max_num_frame"):
+        processor.video_processor(videos=frames, max_num_frame=4)
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        processor(text="<|video_pad|>", videos=frames, max_num_frame=4)
+    assert "max_num_frame" in caplog.text  # transformers' warning for a keyword no sub-processor takes

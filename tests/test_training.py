@@ -200,7 +200,8 @@ def test_lora_adapters_train_save_load_and_merge(media, tmp_path):
         assert torch.equal(again(**model_inputs(batch)).logits, merged_logits)
     assert (tmp_path / "merged_again" / "modeling_videochat_flash.py").is_file()
     # frozen base weights untouched: the vision tower of the merged model is the base one
-    for (name, p), (_, q) in zip(base.model.vision_tower.named_parameters(), merged.model.vision_tower.named_parameters()):
+    pairs = zip(base.model.vision_tower.named_parameters(), merged.model.vision_tower.named_parameters())
+    for (name, p), (_, q) in pairs:
         assert torch.equal(p, q), name
     # the projector (modules_to_save) trained in full and was saved under its original key names
     assert not torch.equal(base.model.mm_projector.mlp[0].weight, merged.model.mm_projector.mlp[0].weight)
@@ -333,7 +334,8 @@ def test_main_runs_a_yaml_config_and_the_cli_entry(media, trained, tmp_path):
 
     assert cli_main(["train", str(path)]) == 0
     result = VideoChatFlashForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    assert result.config.image_size == 160 and result.config.mm_vision_tower == trained["trainer"].model.config.mm_vision_tower
+    assert result.config.image_size == 160
+    assert result.config.mm_vision_tower == trained["trainer"].model.config.mm_vision_tower
     processor_config = json.loads((tmp_path / "out" / "processor_config.json").read_text())
     assert processor_config["video_processor"]["size"] == {"height": 160, "width": 160}
     start = VideoChatFlashForCausalLM.from_pretrained(trained["output"], dtype=torch.float32)
@@ -389,6 +391,54 @@ def test_config_errors_are_clear(media, tmp_path):
     with pytest.raises(ValueError, match="learning_rate: 'fast' is not a float"):
         parse_config({**good, "learning_rate": "fast"})
     assert parse_config({**good, "learning_rate": "1e-3"})[2].learning_rate == 1e-3  # PyYAML reads 1e-3 as a string
+
+
+@pytest.mark.parametrize("typo, section, meant", [("lora_rr", "ModelArguments", "lora_r"),
+                                                  ("frames_upbond", "DataArguments", "frames_upbound"),
+                                                  ("learning_rte", "TrainingArguments", "learning_rate")])
+def test_config_typos_in_every_section_are_rejected(media, tmp_path, typo, section, meant):
+    with pytest.raises(ValueError, match=rf"unknown config fields \['{typo}'\].*did you mean: {typo} -> {meant}\?"):
+        parse_config({**tiny_config(media, tmp_path), typo: 1})
+    assert section in {type(args).__name__ for args in parse_config({**tiny_config(media, tmp_path), meant: 2})}
+
+
+def test_config_strings_for_int_and_bool_fields_are_converted(media, tmp_path):
+    """Quoted YAML values stay strings: "8" for an int field, "true" / "false" for a bool field (where "false"
+    would otherwise be true)."""
+    model_args, data_args, training_args = parse_config(tiny_config(
+        media, tmp_path, lora_r="8", frames_upbound="16", max_steps="3", use_lora="false", skip_bad_samples="true",
+        bf16="false", activation_checkpointing="True", include_num_input_tokens_seen="all"))
+    assert (model_args.lora_r, data_args.frames_upbound, training_args.max_steps) == (8, 16, 3)
+    assert model_args.use_lora is False and data_args.skip_bad_samples is True
+    assert training_args.bf16 is False and training_args.activation_checkpointing is True
+    assert training_args.include_num_input_tokens_seen == "all"  # a field that also takes strings keeps them
+    with pytest.raises(ValueError, match=r"use_lora: 'maybe' is not a bool \(true or false\)"):
+        parse_config(tiny_config(media, tmp_path, use_lora="maybe"))
+    with pytest.raises(ValueError, match="frames_upbound: 'eight' is not an int"):
+        parse_config(tiny_config(media, tmp_path, frames_upbound="eight"))
+
+
+def test_data_errors_come_before_the_model_loads(media, tmp_path, monkeypatch, capsys):
+    """A missing data file, or a record whose video is missing, fails at once: no model is loaded, no step runs."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(tvf, "load_model_and_processor", no_model)
+    with pytest.raises(FileNotFoundError, match="training data file not found"):
+        run_training(tiny_config(media, tmp_path / "out", train_data=str(tmp_path / "nope.json")))
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([*media["records"], record("lost.mp4", "<image>\nQ", "A")]))
+    with pytest.raises(ValueError, match=r"1 of 5 training records are bad: record 4: media file not found: .*lost"):
+        run_training(tiny_config(media, tmp_path / "out", train_data=str(data)))
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(media, tmp_path / "out", train_data=str(data))))
+    from videochat_flash.videochat_flash_cli import main as cli_main
+
+    assert cli_main(["train", str(config)]) == 1
+    err = capsys.readouterr()[1].strip()
+    print(f"\n{err}")
+    assert err.count("\n") == 0 and err.startswith("videochat-flash: error: 1 of 5 training records are bad")
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_overrides_and_model_arguments_reach_the_model(media, tmp_path):

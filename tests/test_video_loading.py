@@ -571,6 +571,17 @@ def test_argument_and_path_errors_are_raised_at_once(stream_media, tmp_path):
         iter_video_chunks(str(text))
 
 
+@pytest.mark.parametrize("url", ["https://example.com/clip.mp4", "http://example.com/clip.mp4", "RTSP://cam/live"])
+def test_urls_are_refused_as_not_supported_yet(url):
+    """Not "file not found": URLs are not supported yet (download first), for load_video and the video processor."""
+    from videochat_flash.processing_videochat_flash import VideoChatFlashVideoProcessor
+
+    for load in (load_video, lambda video: iter_video_chunks(video, 8), VideoChatFlashVideoProcessor()):
+        with pytest.raises(ValueError, match=r"video URLs are not supported yet: download .* first") as error:
+            load(url)
+        assert not isinstance(error.value, FileNotFoundError) and url in str(error.value)
+
+
 def test_unmatched_timestamps_are_decoded_again_by_counting(stream_media, monkeypatch):
     """A frame the timestamp-matched pass does not deliver is decoded straight through, matched by counting."""
     original = vl._pyav_worker_frames
@@ -785,7 +796,8 @@ def test_truncated_faststart_loads_readable_frames(bad_media):
 
 @pytest.mark.skipif(not HAVE_DECORD, reason="decord not installed")
 def test_truncated_faststart_forced_decord_refuses(bad_media):
-    expect_error(run_case(bad_media["trunc_faststart"], backend="decord"), "ValueError", "trunc_faststart.mp4", "truncated")
+    expect_error(run_case(bad_media["trunc_faststart"], backend="decord"), "ValueError", "trunc_faststart.mp4",
+                 "truncated")
 
 
 def test_damaged_payload_never_crashes(bad_media):
@@ -847,7 +859,8 @@ def test_zero_timestamps_take_fps_from_bitstream(bad_media):
 @pytest.mark.parametrize("key", ["no_fps", "h264_zero_ts", "raw_h264"])
 def test_decord_refused_without_unique_timestamps(bad_media, key):
     """decord 0.6.0 returns wrong frames (the last ones repeated) when timestamps repeat: it is not run."""
-    expect_error(run_case(bad_media[key], backend="decord"), "ValueError", os.path.basename(bad_media[key]), "timestamps")
+    expect_error(run_case(bad_media[key], backend="decord"), "ValueError", os.path.basename(bad_media[key]),
+                 "timestamps")
 
 
 @pytest.mark.parametrize("key", ["open_gop", "h264_avi", "hevc", "mpegts"])
@@ -858,7 +871,8 @@ def test_files_decord_gets_wrong_are_read_by_pyav(bad_media, key):
     md = expect_frames(res, bad_media, key, backend="pyav", total_frames=120)
     np.testing.assert_array_equal(np.load(out), naive_decode(bad_media[key])[md["frame_indices"]])
     if HAVE_DECORD:
-        expect_error(run_case(bad_media[key], backend="decord"), "ValueError", os.path.basename(bad_media[key]), "wrong frames")
+        expect_error(run_case(bad_media[key], backend="decord"), "ValueError", os.path.basename(bad_media[key]),
+                     "wrong frames")
 
 
 def test_raw_h264_stream(bad_media):

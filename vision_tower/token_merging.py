@@ -91,9 +91,8 @@ class ToMeProjector(nn.Module):
                  patch_size: int, tokens_per_frame: int = 16, tokens_per_image: int = 64):
         super().__init__()
         if mm_hidden_size % num_attention_heads:
-            raise ValueError(
-                f"mm_hidden_size {mm_hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
-            )
+            raise ValueError(f"mm_hidden_size {mm_hidden_size} is not divisible by num_attention_heads "
+                             f"{num_attention_heads}")
         self.num_attention_heads = num_attention_heads
         self.num_patches_per_frame = (image_size // patch_size) ** 2
         self.tokens_per_frame = tokens_per_frame
@@ -110,10 +109,8 @@ class ToMeProjector(nn.Module):
         rows are one clip) to `tokens_per_frame` per frame; otherwise every row is an image (`local_num_frames` 1 or
         -1) merged to `tokens_per_image`. Raises ValueError for other shapes or combinations."""
         if features.dim() != 3 or features.shape[1] != self.num_patches_per_frame:
-            raise ValueError(
-                f"features must be (frames, {self.num_patches_per_frame}, C) per-frame vision features, "
-                f"got shape {tuple(features.shape)}"
-            )
+            raise ValueError(f"features must be (frames, {self.num_patches_per_frame}, C) per-frame vision features, "
+                             f"got shape {tuple(features.shape)}")
         if local_num_frames not in (-1, 1) and not compress:
             raise ValueError(f"local_num_frames={local_num_frames} merges clips of frames: it requires compress=True")
         if not compress:

@@ -89,26 +89,19 @@ def run_linear(layer: nn.Module, hidden_states: torch.Tensor, extra_bias: torch.
     The linear layers are ~80% of the tower's time on a CPU. For float32 CPU inference a plain `nn.Linear` runs
     through oneDNN's float32 GEMM with the GELU fused into it: the same float32 arithmetic as `F.linear` (results
     agree to rounding), ~1.2x faster where MKL's sgemm is not at the machine's peak (measured on AMD EPYC,
-    `bench/bench_encode.py`). The oneDNN op has no backward, so whenever gradients are enabled, on other devices
-    or dtypes, and for wrapped layers (PEFT, quantised subclasses), the stock ops run.
+    `bench/bench_encode.py`). The oneDNN op has no backward and inductor cannot lower it, so with gradients on,
+    under torch.compile, on other devices or dtypes, and for wrapped layers (PEFT, quantised subclasses) or offloaded
+    ones (weights on `meta` until accelerate's hook loads them in a call), the stock ops run.
     """
-    if type(layer) is nn.Linear:
-        bias = layer.bias
-        if extra_bias is not None:
-            bias = extra_bias if bias is None else bias + extra_bias
-        if (
-            _ONEDNN_LINEAR
-            and not torch.is_grad_enabled()
-            and hidden_states.device.type == "cpu"
-            and hidden_states.dtype == layer.weight.dtype == torch.float32
-        ):
+    if type(layer) is nn.Linear and not layer.weight.is_meta:
+        bias = layer.bias if extra_bias is None else extra_bias if layer.bias is None else layer.bias + extra_bias
+        if (_ONEDNN_LINEAR and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and hidden_states.device.type == "cpu" and hidden_states.dtype == layer.weight.dtype == torch.float32):
             post_op, algorithm = ("gelu", "none") if gelu else ("none", "")
             return torch.ops.mkldnn._linear_pointwise(hidden_states, layer.weight, bias, post_op, [], algorithm)
         output = F.linear(hidden_states, layer.weight, bias)
     else:
-        output = layer(hidden_states)
-        if extra_bias is not None:
-            output = output + extra_bias
+        output = layer(hidden_states) if extra_bias is None else layer(hidden_states) + extra_bias
     return F.gelu(output) if gelu else output
 
 
@@ -127,7 +120,8 @@ class UMTPatchEmbedding(nn.Module):
         """`(B, T, 3, S, S)` -> `(B, T * (S/p)^2, C)`, tokens ordered (frame, row, column)."""
         batch_size, num_frames = pixel_values.shape[:2]
         frames = pixel_values.flatten(0, 1)  # (B*T, 3, S, S)
-        patches = F.conv2d(frames, self.proj.weight.squeeze(2), self.proj.bias, stride=self.patch_size)
+        patches = (self.proj(frames[:, :, None]).squeeze(2) if self.proj.weight.is_meta  # offloaded: hooks load it
+                   else F.conv2d(frames, self.proj.weight.squeeze(2), self.proj.bias, stride=self.patch_size))
         patches = patches.flatten(2).transpose(1, 2)  # (B*T, L, C)
         return patches.reshape(batch_size, num_frames * patches.shape[1], patches.shape[2])
 
@@ -139,8 +133,7 @@ class UMTAttention(nn.Module):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_implementation = attn_implementation
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
@@ -207,14 +200,11 @@ class UMTEncoder(nn.Module):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        self.hidden_size = hidden_size
-        self.image_size = image_size
+        self.hidden_size, self.image_size, self.num_frames = hidden_size, image_size, num_frames
         self.grid_size = image_size // patch_size
-        self.num_frames = num_frames
         self.patch_embed = UMTPatchEmbedding(hidden_size, patch_size)
         self.blocks = nn.ModuleList(
-            [UMTBlock(hidden_size, num_attention_heads, mlp_ratio, attn_implementation) for _ in range(num_blocks)]
-        )
+            [UMTBlock(hidden_size, num_attention_heads, mlp_ratio, attn_implementation) for _ in range(num_blocks)])
         self.vision_layernorm = nn.LayerNorm(hidden_size, eps=1e-12)
         # Fixed tables are neither parameters nor buffers: transformers builds models on the meta device and would
         # leave non-persistent buffers uninitialised. They are computed on first use, per (kind, device, dtype).
@@ -244,10 +234,9 @@ class UMTEncoder(nn.Module):
         if height != self.image_size or width != self.image_size:
             raise ValueError(f"frames must be {self.image_size}x{self.image_size} pixels, got {height}x{width}")
         if num_frames not in (1, self.num_frames):
-            raise ValueError(
-                f"got clips of {num_frames} frames: the video position table is built for {self.num_frames}-frame "
-                "clips (mm_local_num_frames); pass single frames (T=1) or clips of exactly that length"
-            )
+            raise ValueError(f"got clips of {num_frames} frames: the video position table is built for "
+                             f"{self.num_frames}-frame clips (mm_local_num_frames); pass single frames (T=1) or clips "
+                             "of exactly that length")
         kind = "image" if num_frames == 1 else "video"
         hidden_states = self.patch_embed(pixel_values)
         hidden_states = hidden_states + self.position_table(kind, hidden_states.device, hidden_states.dtype)
@@ -282,22 +271,18 @@ class UMTVisionTower(nn.Module):
         super().__init__()
         num_blocks = num_hidden_layers + select_layer + 1
         if not (select_layer < 0 and num_blocks > 0):
-            raise ValueError(
-                f"select_layer must be in [-{num_hidden_layers}, -1] (-1 = last of the {num_hidden_layers} layers), "
-                f"got {select_layer}"
-            )
+            raise ValueError(f"select_layer must be in [-{num_hidden_layers}, -1] (-1 = last of the "
+                             f"{num_hidden_layers} layers), got {select_layer}")
         if num_frames < 1:
             raise ValueError(f"num_frames must be positive, got {num_frames}")
         self._check_attn_implementation(attn_implementation)
-        self.hidden_size = hidden_size
-        self.num_blocks = num_blocks
+        self.hidden_size, self.num_blocks = hidden_size, num_blocks
         self.intermediate_size = int(hidden_size * mlp_ratio)
         self.num_patches_per_frame = (image_size // patch_size) ** 2
         self.vision_tower = UMTVisionTransformer(
             hidden_size=hidden_size, num_blocks=num_blocks, num_attention_heads=num_attention_heads,
             patch_size=patch_size, image_size=image_size, num_frames=num_frames, mlp_ratio=mlp_ratio,
-            attn_implementation=attn_implementation,
-        )
+            attn_implementation=attn_implementation)
 
     @staticmethod
     def _check_attn_implementation(attn_implementation: str):
