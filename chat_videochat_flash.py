@@ -39,14 +39,10 @@ def normalize_role(role: str) -> str:
 
 def _video_backend(media_dict: dict | None) -> str | None:
     media_dict = dict(media_dict or {})
-    unsupported = sorted(set(media_dict) - {"video_read_type"})
-    if unsupported:
-        raise ValueError(f"media_dict keys {unsupported} are not supported (clip segments with start/end are not "
-                         "implemented): only {'video_read_type': 'decord' | 'pyav'} is accepted")
-    read_type = media_dict.get("video_read_type")
-    if read_type not in READ_TYPES:
-        raise ValueError(f"media_dict['video_read_type']={read_type!r}: expected one of 'decord', 'pyav', 'av'")
-    return READ_TYPES[read_type]
+    if set(media_dict) - {"video_read_type"} or media_dict.get("video_read_type") not in READ_TYPES:
+        raise ValueError(f"media_dict={media_dict}: only {{'video_read_type': 'decord' | 'pyav'}} is accepted (clip "
+                         "segments with start/end are not implemented)")
+    return READ_TYPES[media_dict.get("video_read_type")]
 
 
 class VideoChatFlashChatMixin:
@@ -170,8 +166,11 @@ class VideoChatFlashChatMixin:
                                        "features": features, "weight": (self.dtype, self.device)}
         return tokenizer.decode(output_ids[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
-    def _chat_generate_kwargs(self, generation_config: dict | None, tokenizer) -> dict:
-        kwargs = dict(generation_config or {})
+    def _chat_generate_kwargs(self, generation_config, tokenizer) -> dict:
+        """generate()'s arguments from chat()'s `generation_config`: a dict or a ``GenerationConfig``."""
+        kwargs = dict(getattr(generation_config, "to_diff_dict", lambda: generation_config or {})())
+        if kwargs.get("num_return_sequences", 1) != 1 or kwargs.get("return_dict_in_generate"):
+            raise ValueError("chat() returns one answer: num_return_sequences, return_dict_in_generate: generate()")
         if not kwargs.get("do_sample"):  # the original passes temperature=0 with do_sample=False
             for name in SAMPLING_ONLY_KWARGS:
                 kwargs.pop(name, None)

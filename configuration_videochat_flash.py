@@ -79,8 +79,12 @@ class VideoChatFlashConfig(Qwen2Config):
         self.mm_newline_position = mm_newline_position
         self.mm_llm_compress = mm_llm_compress
         self.llm_compress_type = llm_compress_type
-        self.llm_compress_layer_list = list(llm_compress_layer_list)
-        self.llm_image_token_ratio_list = [float(r) for r in llm_image_token_ratio_list]
+        if not isinstance(mm_llm_compress, bool):  # "false" would be true
+            raise ValueError(f"mm_llm_compress must be True or False, got {mm_llm_compress!r}")
+        # lists, or the original training arguments' "8,16,24" strings
+        self.llm_compress_layer_list = [int(n) for n in str(llm_compress_layer_list).strip("[]()").split(",") if n]
+        self.llm_image_token_ratio_list = [float(r) for r in str(llm_image_token_ratio_list).strip("[]()").split(",")
+                                           if r]
         self.tokenizer_model_max_length = tokenizer_model_max_length
         self.tokens_per_frame = tokens_per_frame
         super().__init__(**kwargs)
@@ -108,8 +112,9 @@ class VideoChatFlashConfig(Qwen2Config):
             raise ValueError(f"llm_compress_layer_list={layers} must be increasing and within [1, "
                              f"{self.num_hidden_layers - 1}]: a drop after layer n is scored with layer n's successor, "
                              "so the last layer cannot drop")
-        if any(b > a for a, b in zip(ratios, ratios[1:])):
-            raise ValueError(f"llm_image_token_ratio_list={ratios} must not increase")
+        if not (ratios[0] == 1 and all(0 < r <= 1 for r in ratios)) or any(b > a for a, b in zip(ratios, ratios[1:])):
+            raise ValueError(f"llm_image_token_ratio_list={ratios} must start at 1 (all tokens before the first drop) "
+                             "and not increase, within (0, 1]")
         if getattr(cache, "is_compileable", False) or cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
             name = type(cache).__name__ if cache is not None else f"cache_implementation={cache_implementation!r}"
             raise ValueError(f"in-LLM visual token dropping (config.mm_llm_compress) shortens the caches of the layers "

@@ -138,6 +138,8 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
                 raise ValueError(f"config.{name}={getattr(config, name)} is outside the embedding table (vocab_size="
                                  f"{config.vocab_size}); placeholder tokens must be added to the tokenizer without "
                                  "resizing the embeddings")
+        if config.mm_llm_compress:  # before any weights load (the model card's way, switched on later, is checked then)
+            config.validate_token_dropping()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([Qwen2DecoderLayer(config, index) for index in range(config.num_hidden_layers)])
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -299,7 +301,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
                 inputs_embeds = inputs_embeds.masked_scatter(mask.expand_as(inputs_embeds), features[kind])
             elif bool(mask.any()):
                 raise ValueError(f"input_ids hold {int(mask.sum())} {kind} placeholder tokens but no {kind} input was "
-                                 "given (0 visual tokens)")
+                                 "given (an assistant_model of generate gets none: use prompt_lookup_num_tokens)")
         return inputs_embeds
 
     def visual_token_mask(self, input_ids):

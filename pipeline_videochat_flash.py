@@ -15,17 +15,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import GenerationConfig, Pipeline
 
 __all__ = ["VideoTextToTextPipeline"]
 
 
 @dataclass
-class _Conversation:
-    """One chat, kept whole through the pipeline's batching; `question` is what ``input_text`` reports."""
-
+class _Conversation:  # one chat, kept whole through batching (not a tuple, which batching would unpack)
     messages: list[dict]
-    question: str | None = None
+    question: str | None = None  # what ``input_text`` reports
 
 
 def _is_chat(value: Any) -> bool:
@@ -33,8 +32,8 @@ def _is_chat(value: Any) -> bool:
 
 
 def _question(video: Any, text: Any) -> _Conversation:
-    if not isinstance(text, str):
-        raise ValueError(f"the question must be a string, got {type(text).__name__}")
+    if not isinstance(text, str) or video is None:
+        raise ValueError(f"pass a video and a question (a string, got {type(text).__name__}), or chat messages")
     block = {"type": "video", "path": os.fspath(video)} if isinstance(video, (str, os.PathLike)) else {
         "type": "video", "video": video}  # decoded frames
     return _Conversation([{"role": "user", "content": [block, {"type": "text", "text": text}]}], text)
@@ -71,15 +70,18 @@ class VideoTextToTextPipeline(Pipeline):
     _default_generation_config = GenerationConfig(max_new_tokens=256)
 
     def _sanitize_parameters(self, max_new_tokens=None, generate_kwargs=None, return_full_text=None,
-                             skip_special_tokens=None, processor_kwargs=None, **kwargs):
+                             skip_special_tokens=None, processor_kwargs=None, stop_sequence=None, **kwargs):
         processor_kwargs = dict(processor_kwargs or {})
         # what the video processor takes (frame sampling: max_num_frames, num_frames, fps, video_backend, ...)
         video_kwargs = getattr(getattr(self.processor, "video_processor", None), "valid_kwargs", None)
         processor_kwargs.update({key: kwargs.pop(key) for key in getattr(video_kwargs, "__annotations__", {})
                                  if key in kwargs})
         generation_keys = {key for key in vars(GenerationConfig()) if not key.startswith("_")}
+        generation_keys |= {"streamer", "generation_config", "logits_processor", "stopping_criteria"}
         generate_kwargs = {**{key: kwargs.pop(key) for key in list(kwargs) if key in generation_keys},
                            **dict(generate_kwargs or {})}
+        if stop_sequence is not None:  # as the stock text pipelines: stop strings need the tokenizer
+            generate_kwargs.update(stop_strings=stop_sequence, tokenizer=self.processor.tokenizer)
         if kwargs:
             raise TypeError(f"VideoTextToTextPipeline got unexpected keyword arguments {sorted(kwargs)}")
         if max_new_tokens is not None:
@@ -87,48 +89,58 @@ class VideoTextToTextPipeline(Pipeline):
                 raise ValueError("max_new_tokens is given twice: directly and in generate_kwargs")
             generate_kwargs["max_new_tokens"] = max_new_tokens
         postprocess = {"return_full_text": return_full_text, "skip_special_tokens": skip_special_tokens}
-        return ({"processor_kwargs": processor_kwargs}, {"generate_kwargs": generate_kwargs},
+        # Only what this call sets: an empty dict would replace the options the pipeline was built with.
+        return ({"processor_kwargs": processor_kwargs} if processor_kwargs else {},
+                {"generate_kwargs": generate_kwargs} if generate_kwargs else {},
                 {key: value for key, value in postprocess.items() if value is not None})
 
     def __call__(self, videos=None, text=None, **kwargs):
         """Answer questions about videos; see the class docstring for the accepted inputs."""
-        if text is not None and (_is_chat(text) or (isinstance(text, (list, tuple)) and text and _is_chat(text[0]))):
+        if text is not None and not isinstance(text, str) and text and (_is_chat(text) or _is_chat(text[0])):
             if videos is not None:
                 raise ValueError("with chat messages, put the video inside the messages, not in `videos`")
             videos, text = text, None
-        if videos is None:
-            raise ValueError("pass a video and a question, or chat messages")
-        if text is None:
-            if _is_chat(videos) or isinstance(videos, dict):
-                return super().__call__(_conversation(videos), **kwargs)
-            if isinstance(videos, (list, tuple)) and videos and all(_is_chat(v) or isinstance(v, dict) for v in videos):
-                return super().__call__([_conversation(v) for v in videos], **kwargs)
-            raise ValueError("a question (`text`) is needed with a video")
         if isinstance(text, str):
-            return super().__call__(_question(videos, text), **kwargs)
-        if isinstance(text, (list, tuple)) and isinstance(videos, (list, tuple)) and len(text) == len(videos):
-            return super().__call__([_question(v, t) for v, t in zip(videos, text)], **kwargs)
-        raise ValueError("pass one question per video (lists of the same length)")
+            inputs = _question(videos, text)
+        elif text is not None:
+            if not isinstance(videos, (list, tuple)) or len(text) != len(videos):
+                raise ValueError("pass one question per video (lists of the same length)")
+            inputs = [_question(video, question) for video, question in zip(videos, text)]
+        elif _is_chat(videos) or isinstance(videos, (dict, str, os.PathLike)):
+            inputs = _conversation(videos)  # a lone video raises: it needs a question
+        else:  # a list of inputs, or a dataset / generator of them (each normalised in preprocess)
+            inputs = [_conversation(item) for item in videos] if isinstance(videos, (list, tuple)) else videos
+        return super().__call__(inputs, **kwargs)
 
     def preprocess(self, inputs, processor_kwargs=None):
         conversation = _conversation(inputs)
-        model_inputs = self.processor.apply_chat_template(
-            conversation.messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            processor_kwargs=processor_kwargs or {},
+        final = conversation.messages[-1]["role"] == "assistant"  # a started answer is continued, as the stock pipeline
+        inputs = self.processor.apply_chat_template(
+            conversation.messages, add_generation_prompt=not final, continue_final_message=final, tokenize=True,
+            return_dict=True, return_tensors="pt", processor_kwargs=processor_kwargs or {},
         )
-        return {**model_inputs, "conversation": conversation}
+        # Visual inputs as lists (one tensor per video / image): the batching then keeps them whole, whatever each
+        # row holds (other frame counts, images, nothing), where a tensor would be padded or refused.
+        counts, pixels = inputs.pop("video_frame_counts", None), inputs.pop("pixel_values_videos", None)
+        videos = list(pixels.reshape(-1, *pixels.shape[-3:]).split(counts.tolist())) if pixels is not None else []
+        images = list(inputs.pop("pixel_values", []))
+        return {**inputs, "videos": videos, "images": images, "conversation": conversation}
 
     def _forward(self, model_inputs, generate_kwargs=None):
         conversation = model_inputs.pop("conversation")
+        visual = {key: [t for row in model_inputs.pop(key) for t in (row if isinstance(row, list) else [row])]
+                  for key in ("videos", "images")}
+        if visual["videos"]:
+            model_inputs["pixel_values_videos"] = visual["videos"]
+        if visual["images"]:
+            model_inputs["pixel_values"] = torch.stack(visual["images"])
         generated = self.model.generate(**model_inputs, **self._prepare_generate_kwargs(dict(generate_kwargs or {})))
         return {"new_tokens": generated[:, model_inputs["input_ids"].shape[1] :], "conversation": conversation}
 
     def postprocess(self, model_outputs, return_full_text=False, skip_special_tokens=True):
         conversation = model_outputs["conversation"]
-        records = []
-        for row in model_outputs["new_tokens"]:
-            answer = self.processor.tokenizer.decode(row, skip_special_tokens=skip_special_tokens).strip()
-            full = [*conversation.messages, {"role": "assistant", "content": answer}]
-            input_text = conversation.question if conversation.question is not None else conversation.messages
-            records.append({"input_text": input_text, "generated_text": full if return_full_text else answer})
-        return records
+        input_text = conversation.question if conversation.question is not None else conversation.messages
+        answers = [self.processor.tokenizer.decode(row, skip_special_tokens=skip_special_tokens).strip()
+                   for row in model_outputs["new_tokens"]]
+        return [{"input_text": input_text, "generated_text": [*conversation.messages, {"role": "assistant",
+                 "content": answer}] if return_full_text else answer} for answer in answers]

@@ -51,6 +51,9 @@ CHAT_TEMPLATE = (
     "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
+    "{%- if tools or documents or messages | selectattr('tool_calls', 'defined') | list or messages | rejectattr("
+    "'role', 'in', ['system', 'user', 'assistant']) | list -%}{{- raise_exception('this chat template (the original "
+    "qwen_2) has no tools, documents or tool turns') -}}{%- endif -%}"
     "{%- set ns = namespace(system='" + DEFAULT_SYSTEM_PROMPT + "', messages=messages) -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set ns.system = render(messages[0]['content']) -%}{%- set ns.messages = messages[1:] -%}"
@@ -97,11 +100,6 @@ def frames_to_pixels(frames, size: dict, do_resize: bool = True, do_rescale: boo
     return output
 
 
-def _size_dict(size) -> dict[str, int]:
-    height, width = parse_size(size)
-    return {"height": height, "width": width}
-
-
 class VideoChatFlashImageProcessor(BaseImageProcessor):
     r"""Still images -> `pixel_values` `(images, 3, S, S)`: each image squashed to S x S like a video frame.
 
@@ -122,14 +120,13 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         if int(resample) != PIL_BICUBIC:
             raise ValueError(f"resample={resample}: frames are resized with PIL bicubic (3), as the model was trained")
-        self.size = _size_dict(size)
+        self.size = dict(zip(("height", "width"), parse_size(size)))
         self.resample, self.do_resize, self.do_rescale = PIL_BICUBIC, do_resize, do_rescale
         self.rescale_factor, self.do_normalize = rescale_factor, do_normalize
         self.image_mean, self.image_std = [float(m) for m in image_mean], [float(s) for s in image_std]
 
     def _options(self, names: Sequence[str], overrides: dict) -> dict[str, Any]:
-        """This processor's settings `names`, with the `overrides` of one call (None keeps a setting, except for
-        ``num_frames`` / ``fps``, where it switches that sampling off)."""
+        """Settings `names` with one call's `overrides` (None keeps a setting; for num_frames / fps it means off)."""
         unknown = set(overrides) - set(names) - set(self.IGNORED_KWARGS)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}; its options "
@@ -137,7 +134,7 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
         options = {name: getattr(self, name) for name in names}
         options.update({name: value for name, value in overrides.items()
                         if name in names and (value is not None or name in ("num_frames", "fps"))})
-        options["size"] = _size_dict(options["size"])
+        options["size"] = dict(zip(("height", "width"), parse_size(options["size"])))
         return options
 
     # transformers' generic kwargs that mean nothing here: frames are always sampled by frame_sampling's rules
@@ -339,6 +336,7 @@ class VideoChatFlashProcessor(ProcessorMixin):
         # Keyword arguments go to the sub-processor that owns them (`max_num_frames=16, size=448`: the video processor).
         subfolder, processor_dict = kwargs.pop("subfolder", ""), processor_dict or {}
         video = {k: kwargs.pop(k) for k in VideoChatFlashVideoProcessor.VIDEO_OPTIONS if k in kwargs}
+        kwargs["trust_remote_code"] = False  # a Qwen2 tokenizer: no remote code to ask about (or prompt for)
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, subfolder=subfolder,
                                                         **kwargs)
         video_processor = VideoChatFlashVideoProcessor(**{**processor_dict.get("video_processor", {}), **video})

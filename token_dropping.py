@@ -54,7 +54,6 @@ class DropBookkeeping:
     keep: torch.Tensor | None = None  # (batch,) visual tokens kept by the latest drop (None before the first)
 
 
-# ------------------------------------------------------------------------------------------------ forward set-up
 def prepare_dropping(config, visual, key_mask, cache, use_cache, labels, drop_query_position):
     """`(bookkeeping, state)` of one forward, from the `(batch, seq)` placeholder mask `visual` (None without input_ids)
     and the `(batch, past + seq)` `key_mask` (None: all real): bookkeeping for a prefill with visual tokens (else
@@ -94,7 +93,6 @@ def start_bookkeeping(visual, valid, labels=None, drop_query_position=None) -> D
                            kept_index=torch.arange(length, device=device).expand(batch, -1), labels=labels)
 
 
-# ------------------------------------------------------------------------------------------------ scoring
 def stage_drop_type(compress_type: str, stage: int) -> str:
     """'uniform' or 'attention' for the drop that opens `stage` (1-based)."""
     uniform_stages = _UNIFORM_STAGES.get(compress_type)
@@ -136,7 +134,6 @@ def visual_token_scores(next_layer, rotary_emb, hidden_states, positions, valid,
     return weights.mean(0).mean(0)
 
 
-# ------------------------------------------------------------------------------------------------ dropping
 def uniform_choice(count: int, keep: int) -> torch.Tensor:
     """`keep` evenly spaced indices among `count` (first and last included), as the original's linspace."""
     return torch.linspace(0, count - 1, keep, dtype=torch.long)
@@ -206,7 +203,6 @@ def drop_stage(config, layers, rotary_emb, stage, drop, hidden_states, positions
     return drop_visual_tokens(drop, hidden_states, positions, config.llm_image_token_ratio_list[stage], scorer)
 
 
-# ------------------------------------------------------------------------------------------------ caches and labels
 def record_stage(state: VisualTokenDropState, stage: int, drop: DropBookkeeping) -> None:
     """Prefill: remember what the drop opening `stage` removed, for the decoding steps."""
     state.dropped[stage] = drop.num_visual - drop.keep

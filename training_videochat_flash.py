@@ -76,6 +76,15 @@ class ModelArguments:
     config_overrides: dict | str | None = field(default=None, metadata={
         "help": "model config fields to set, a mapping (or JSON), e.g. {mm_llm_compress: true}"})
 
+    def __post_init__(self):  # every value checked here, before the data and the model load
+        if isinstance(self.tune_parts, str):  # "projector,vision_tower"
+            self.tune_parts = [part.strip() for part in self.tune_parts.split(",") if part.strip()]
+        _choose("tune_parts", self.tune_parts, MODEL_PARTS)
+        _choose("lora_bias", [self.lora_bias], ("none", "all", "lora_only"))
+        if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+            raise ValueError(f"dtype: {self.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        self.config_overrides = _config_overrides(self.config_overrides)
+
 
 @dataclass
 class DataArguments:
@@ -95,6 +104,49 @@ class DataArguments:
     skip_bad_samples: bool = field(default=False, metadata={"help": "leave out records that fail to load"})
     check_data: bool = field(default=True, metadata={
         "help": "check every record and that its media files exist before the model loads (a stat each)"})
+
+    def __post_init__(self):
+        _choose("prompt_format", [self.prompt_format], ("qwen_2", "plain"))
+        _choose("label_mode", [self.label_mode], ("answers", "original"))
+        _choose("time_msg", [self.time_msg], ("short", "long", None))
+        self.frame_sampling()  # frames_upbound / frames_lowbound / local_num_frames / sample_type
+
+    def frame_sampling(self) -> FrameSampling:
+        return FrameSampling.training(self.frames_upbound, self.frames_lowbound, self.local_num_frames,
+                                      self.sample_type)
+
+
+def _choose(name: str, values: list, choices) -> None:
+    bad = [value for value in values if value not in choices]
+    if bad:
+        raise ValueError(f"{name}: {bad[0]!r} is not one of {list(choices)}")
+
+
+def _config_overrides(overrides) -> dict:
+    """`config_overrides` as a mapping of model config fields, each a field of the config and of its type."""
+    from .configuration_videochat_flash import VideoChatFlashConfig
+
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config_overrides: {overrides!r} is not a JSON mapping ({e})") from None
+    if not isinstance(overrides, (dict, type(None))):
+        raise ValueError(f"config_overrides must be a mapping of model config fields, got {overrides!r}")
+    defaults = VideoChatFlashConfig().to_dict()
+    for key, value in (overrides or {}).items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, 1)
+            raise ValueError(f"config_overrides: {key!r} is not a model config field"
+                             + (f"; did you mean {close[0]}?" if close else ""))
+        kind = type(defaults[key])
+        if kind in (bool, int, float, str) and value is not None:  # lists and mappings: the config checks them
+            value = overrides[key] = _coerce(f"config_overrides.{key}", kind, value)
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                raise ValueError(f"config_overrides.{key}: {value!r} is not {kind.__name__} like its default "
+                                 f"{defaults[key]!r}")
+    checked = VideoChatFlashConfig(**(overrides or {}))  # the config's own checks and parsing ("8,16,24" lists)
+    return {key: getattr(checked, key) for key in overrides or {}}
 
 
 def parse_config(config, **overrides) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -190,8 +242,7 @@ def load_model_and_processor(args: ModelArguments):
     from .processing_videochat_flash import VideoChatFlashProcessor
 
     dtype = getattr(torch, args.dtype)
-    overrides = json.loads(args.config_overrides) if isinstance(args.config_overrides, str) else (
-        args.config_overrides or {})
+    overrides = args.config_overrides
     if args.model_name_or_path == "tiny":
         from .tiny_model import TINY_VISION, build_tiny_model, tiny_processor
 
@@ -308,10 +359,8 @@ def run_training(config, **overrides) -> VideoChatFlashTrainer:
     if training_args.process_index == 0:
         print("[videochat-flash train] trainable parameters: " + ", ".join(
             f"{part} {c['trainable']:,}/{c['total']:,}" for part, c in count_parameters(model).items()), flush=True)
-    sampling = FrameSampling.training(data_args.frames_upbound, data_args.frames_lowbound, data_args.local_num_frames,
-                                      data_args.sample_type)
     dataset = VideoChatFlashTrainingDataset(
-        records, processor, sampling,
+        records, processor, data_args.frame_sampling(),
         prompt_format=data_args.prompt_format, system_message=data_args.system_message, time_msg=data_args.time_msg,
         label_mode=data_args.label_mode, train_on_turn_newline=data_args.train_on_turn_newline,
         model_max_length=data_args.model_max_length, video_backend=data_args.video_backend,

@@ -68,18 +68,16 @@ class VideoLoadMetadata:
         """Seconds of each sampled frame (index / fps); None when fps is."""
         return None if self.fps is None else [i / self.fps for i in self.frame_indices]
 
+    def __contains__(self, key: str) -> bool:
+        return key in ("num_frames", "timestamps") or key in self.__dataclass_fields__
+
     def __getitem__(self, key: str) -> Any:
-        if key in ("num_frames", "timestamps") or key in self.__dataclass_fields__:
-            return getattr(self, key)
-        raise KeyError(key)
+        if key not in self:
+            raise KeyError(key)
+        return getattr(self, key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        with contextlib.suppress(KeyError):
-            return self[key]
-        return default
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.__dataclass_fields__
+        return self[key] if key in self else default
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,12 +119,8 @@ def resize_frame(frame: np.ndarray, size) -> np.ndarray:
     return frame if hw is None else np.asarray(Image.fromarray(frame).resize((hw[1], hw[0]), Image.BICUBIC))
 
 
-def _is_torch_tensor(x) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "numpy")
-
-
 def _uint8_array(x, what: str) -> np.ndarray:
-    arr = np.asarray(x.detach().cpu().numpy() if _is_torch_tensor(x) else x)
+    arr = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)  # a torch tensor
     if arr.dtype != np.uint8:
         raise ValueError(f"{what} must be uint8 RGB frames, got dtype {arr.dtype}")
     return arr
@@ -351,8 +345,7 @@ def _h264_nonref_test(cc):
 
 
 def _use_seek(n_targets: int, gop: float, total_frames: int) -> bool:
-    """A random access costs about half a GOP of decoding: seek between spans when that beats reading through."""
-    return n_targets * gop / 2 < total_frames
+    return n_targets * gop / 2 < total_frames  # a random access costs ~half a GOP: seek when that beats reading through
 
 
 def _plan_ranges(probe: _Probe, targets: list[int]) -> list[list[int]]:
@@ -371,10 +364,6 @@ def _plan_ranges(probe: _Probe, targets: list[int]) -> list[list[int]]:
         else:
             merged.append([s, e])
     return merged
-
-
-def _frame_rgb(frame) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")
 
 
 class _Decoder:
@@ -444,7 +433,7 @@ def _pyav_worker_frames(probe: _Probe, ranges, target_of_pos: dict[int, int], po
             for f in frames:
                 pos = None if f.pts is None else pos_of_pts.get(int(f.pts))
                 if pos in target_of_pos:
-                    yield target_of_pos[pos], _frame_rgb(f)
+                    yield target_of_pos[pos], f.to_ndarray(format="rgb24")
 
         it, item, cur = None, None, 0  # packet iterator, (position, packet) read but not used yet, next position
         for start, end in ranges:
@@ -475,7 +464,7 @@ def _pyav_counting_frames(probe: _Probe, targets: list[int], threads: int) -> It
         for pkt in itertools.chain(dec.packets(), [None]):
             for f in dec.decode(pkt):
                 if n in want:
-                    yield n, _frame_rgb(f)
+                    yield n, f.to_ndarray(format="rgb24")
                 n += 1
             if n > last:
                 return
@@ -637,7 +626,7 @@ def _classify_input(video) -> tuple[str, Any, str | None]:
         if not video:
             raise ValueError("the list of frames is empty")
         return "frames", list(video), None
-    if not isinstance(video, np.ndarray) and not _is_torch_tensor(video):
+    if not isinstance(video, np.ndarray) and not hasattr(video, "detach"):
         raise TypeError(
             f"video must be a path, a PIL image, a list of frames or a uint8 array/tensor, got {type(video).__name__}")
     arr = _uint8_array(video, "frames")

@@ -264,3 +264,16 @@ def test_chat_after_a_dtype_change_and_bounded_caches(tiny_dir, videos, processo
     model.clear_chat_cache()
     model.chat(videos["a"], processor.tokenizer, QUESTION, generation_config=SETTINGS)
     assert len(model._chat_feature_cache) == 0
+
+
+def test_chat_takes_a_generation_config_object_and_refuses_what_it_cannot_return(model, processor, videos):
+    from transformers import GenerationConfig
+
+    as_dict = model.chat(videos["a"], processor.tokenizer, QUESTION, return_history=False,
+                         generation_config={"max_new_tokens": 5})
+    as_object = model.chat(videos["a"], processor.tokenizer, QUESTION, return_history=False,
+                           generation_config=GenerationConfig(max_new_tokens=5))
+    assert as_object == as_dict
+    for settings in ({"num_return_sequences": 2, "do_sample": True}, {"return_dict_in_generate": True}):
+        with pytest.raises(ValueError, match="chat\\(\\) returns one answer"):
+            model.chat(videos["a"], processor.tokenizer, QUESTION, generation_config=settings)

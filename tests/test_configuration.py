@@ -46,3 +46,15 @@ def test_settings_are_checked_with_clear_errors():
     config.llm_compress_layer_list, config.llm_image_token_ratio_list = [2], [1.0, 0.5, 0.25]
     with pytest.raises(ValueError, match="one more entry"):
         config.validate_token_dropping()
+
+
+def test_values_of_the_wrong_kind_are_refused_or_read_the_original_way():
+    with pytest.raises(ValueError, match="mm_llm_compress must be True or False"):
+        VideoChatFlashConfig(mm_llm_compress="false")
+    config = VideoChatFlashConfig(llm_compress_layer_list="8,16,24", llm_image_token_ratio_list="1,0.5,0.25,0.125")
+    assert config.llm_compress_layer_list == [8, 16, 24] and config.llm_image_token_ratio_list == [1, 0.5, 0.25, 0.125]
+    for ratios in ([0.5, 0.5, 0.25], [1.0, 0.5, -0.5], [1.0, 2.0, 2.0], [1.0, float("nan"), 0.5]):
+        config = VideoChatFlashConfig(num_hidden_layers=4, llm_compress_layer_list=[1, 2],
+                                      llm_image_token_ratio_list=ratios)
+        with pytest.raises(ValueError, match="must start at 1"):
+            config.validate_token_dropping()

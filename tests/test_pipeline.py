@@ -68,3 +68,33 @@ def test_a_save_pretrained_folder_serves_pipeline(folder_and_video, tmp_path):
                                                                 trust_remote_code=True)(video, QUESTION, max_new_tokens=4)
     ids = pipe.processor(text="Hi", return_tensors="pt")["input_ids"]
     assert model.generate(input_ids=ids, max_length=ids.shape[1] + 3, do_sample=False).shape[1] <= ids.shape[1] + 3
+
+
+def test_pipeline_options_mixed_batches_continuations_and_datasets(folder_and_video):
+    """Options given when the pipeline is built hold for every call; a batch mixing a video row, an image row and a
+    text row equals single runs; a final assistant message is continued; a generator of inputs streams answers;
+    stop_sequence and streamer are accepted."""
+    from PIL import Image
+    from transformers import TextIteratorStreamer
+
+    from media import pattern
+
+    folder, video = folder_and_video
+    pipe = pipeline("video-text-to-text", model=folder, trust_remote_code=True, num_frames=8, max_new_tokens=4)
+    captured = []
+    generate = pipe.model.generate
+    pipe.model.generate = lambda **kw: captured.append(kw) or generate(**kw)
+    pipe(video, QUESTION)
+    assert [t.shape[0] for t in captured[-1]["pixel_values_videos"]] == [8]  # num_frames=8 from the build
+    image = Image.fromarray(pattern(2, 80, 60))
+    rows = [{"video": video, "text": QUESTION},
+            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}],
+            [{"role": "user", "content": "Just text?"}]]
+    assert [r[0]["generated_text"] for r in pipe(rows, batch_size=3)] == [pipe(r)[0]["generated_text"] for r in rows]
+    started = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi th"}]
+    prompt = pipe.processor.decode(pipe.preprocess(started)["input_ids"][0])
+    assert prompt.endswith("<|im_start|>assistant\nHi th")
+    answers = [out[0]["generated_text"] for out in pipe(row for row in rows[:2])]
+    assert len(answers) == 2
+    streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True)
+    assert pipe(video, QUESTION, streamer=streamer, stop_sequence="x")[0]["generated_text"] is not None

@@ -188,8 +188,13 @@ def test_left_padded_batch_equals_single_runs_with_dropping():
 
 
 def test_dropping_settings_are_validated():
-    model = build_tiny_model(seed=0, mm_llm_compress=True, llm_compress_layer_list=[4],
-                             llm_image_token_ratio_list=[1, 0.5])
+    """Checked when the model is built with dropping on (before any weights load), and in the forward when it is
+    switched on afterwards (the model card's way)."""
+    bad = {"llm_compress_layer_list": [4], "llm_image_token_ratio_list": [1, 0.5]}
+    with pytest.raises(ValueError, match="llm_compress_layer_list"):
+        build_tiny_model(seed=0, mm_llm_compress=True, **bad)
+    model = build_tiny_model(seed=0, **bad)
+    model.config.mm_llm_compress = True
     ids, frames = make_sample(4, 2, 2, seed=0)
     with pytest.raises(ValueError, match="llm_compress_layer_list"):
         model(ids[None], pixel_values_videos=[frames])

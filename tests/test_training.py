@@ -418,6 +418,46 @@ def test_config_strings_for_int_and_bool_fields_are_converted(media, tmp_path):
         parse_config(tiny_config(media, tmp_path, frames_upbound="eight"))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("sample_type", "uniform", "sample_type must be 'dynamic_fps1' or 'middle'"),
+    ("time_msg", "longer", r"time_msg: 'longer' is not one of \['short', 'long', None\]"),
+    ("label_mode", "all", "label_mode: 'all' is not one of"),
+    ("prompt_format", "chatml", "prompt_format: 'chatml' is not one of"),
+    ("frames_upbound", 0, "max_num_frames must be >= 1"),
+    ("local_num_frames", 6, "frames_multiple must be a positive multiple of 4"),
+    ("lora_bias", "some", "lora_bias: 'some' is not one of"),
+    ("dtype", "float33", "dtype: 'float33' is not a torch dtype"),
+    ("tune_parts", "projector,tower", r"tune_parts: 'tower' is not one of"),
+    ("config_overrides", "{mm_llm_compress: true}", "config_overrides: .* is not a JSON mapping"),
+    ("config_overrides", "[1, 2]", "config_overrides must be a mapping"),
+    ("config_overrides", {"mm_llm_compres": True}, "'mm_llm_compres' is not a model config field; did you mean "
+                                                   "mm_llm_compress"),
+    ("config_overrides", {"mm_llm_compress": "maybe"}, r"config_overrides.mm_llm_compress: 'maybe' is not a bool"),
+    ("config_overrides", {"tokens_per_frame": 1.5}, "config_overrides.tokens_per_frame: 1.5 is not int"),
+    ("config_overrides", {"mm_vision_tower": "clip"}, "unknown mm_vision_tower 'clip'"),
+])
+def test_config_values_are_checked_before_anything_loads(media, tmp_path, monkeypatch, field, value, message):
+    """Every choice, count and override of the config is checked by parse_config itself (the argument dataclasses'
+    __post_init__): one ValueError naming the field, before the data or the model is read."""
+    monkeypatch.setattr(tvf, "load_model_and_processor", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(tvf, "load_records", lambda *a, **k: pytest.fail("the data was read"))
+    with pytest.raises(ValueError, match=message):
+        tvf.run_training(tiny_config(media, tmp_path, **{field: value}))
+
+
+def test_config_values_in_their_loose_forms_are_normalised(media, tmp_path):
+    model_args, _, _ = parse_config(tiny_config(media, tmp_path, tune_parts="projector, vision_tower", config_overrides={
+        "mm_llm_compress": "true", "llm_compress_layer_list": "1,2", "llm_image_token_ratio_list": "1,0.5,0.25"}))
+    assert model_args.tune_parts == ["projector", "vision_tower"]
+    assert model_args.config_overrides == {"mm_llm_compress": True, "llm_compress_layer_list": [1, 2],
+                                           "llm_image_token_ratio_list": [1.0, 0.5, 0.25]}
+    model, _ = tvf.load_model_and_processor(model_args)
+    assert model.config.llm_compress_layer_list == [1, 2] and model.config.mm_llm_compress is True
+    with pytest.raises(ValueError, match="llm_compress_layer_list=.* must be increasing and within"):
+        tvf.load_model_and_processor(parse_config(tiny_config(media, tmp_path, config_overrides={
+            "mm_llm_compress": True, "llm_compress_layer_list": [1, 99], "llm_image_token_ratio_list": [1, .5, .25]}))[0])
+
+
 def test_data_errors_come_before_the_model_loads(media, tmp_path, monkeypatch, capsys):
     """A missing data file, or a record whose video is missing, fails at once: no model is loaded, no step runs."""
     def no_model(*args, **kwargs):

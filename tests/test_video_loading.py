@@ -548,8 +548,14 @@ def test_every_decoding_plan_streams_the_plain_decode_frames(stream_media, monke
 def test_only_one_chunk_is_decoded_ahead(stream_media, monkeypatch):
     """The iterator is lazy: after the first chunk only about that chunk's frames have been decoded."""
     decoded = []
-    original = vl._frame_rgb
-    monkeypatch.setattr(vl, "_frame_rgb", lambda f: decoded.append(1) or original(f))
+    original = vl._Decoder.decode
+
+    def counting_decode(self, pkt):
+        frames = original(self, pkt)
+        decoded.extend(frames)
+        return frames
+
+    monkeypatch.setattr(vl._Decoder, "decode", counting_decode)
     meta, it = iter_video_chunks(stream_media["open_gop"], chunk_frames=8, num_frames=300)
     assert not decoded  # nothing decoded before the first chunk is asked for
     first = next(it)
