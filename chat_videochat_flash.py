@@ -45,6 +45,14 @@ def _video_backend(media_dict: dict | None) -> str | None:
     return READ_TYPES[media_dict.get("video_read_type")]
 
 
+def _is_image(media) -> bool:
+    """A still image for chat(): a PIL image or an image file (decoded frames and videos are videos)."""
+    from .video_loading import IMAGE_EXTENSIONS
+
+    return type(media).__module__.startswith("PIL.") or isinstance(media, (str, os.PathLike)) and os.fspath(
+        media).lower().endswith(IMAGE_EXTENSIONS)
+
+
 class VideoChatFlashChatMixin:
     """Adds :meth:`chat` (the original conversation API) to ``VideoChatFlashForCausalLM``."""
 
@@ -65,19 +73,27 @@ class VideoChatFlashChatMixin:
         when `return_history`.
         """
         processor = processor if processor is not None else self._chat_processor(tokenizer)
-        features, metadata = self._chat_video_tokens(video_path, processor, max_num_frames, _video_backend(media_dict),
-                                                     progress)
+        kind = "image" if _is_image(video_path) else "video"
+        if kind == "image":  # the image processor's tiles (anyres), as in training
+            with torch.inference_mode():
+                (features,) = self.get_image_features(**processor.image_processor(video_path, return_tensors="pt"))
+            metadata = None
+        else:
+            features, metadata = self._chat_video_tokens(video_path, processor, max_num_frames,
+                                                         _video_backend(media_dict), progress)
         history = chat_history if chat_history is not None else []
         original_roles = bool(history) and history[0]["role"].startswith(ORIGINAL_ROLE_PREFIX)
         if history:
             content = user_prompt
+        elif kind == "image":
+            content = f"{MEDIA_MARKER}\n{user_prompt}"  # the original's image prompt: "<image>\n" + question
         else:
             # "<image>" + "\nThe video lasts ... from it. " + question, as in the processor (no duration: no message)
             message = time_message(metadata.duration, metadata.num_frames) if metadata.duration else ""
             content = f"{MEDIA_MARKER}{message}{user_prompt}"
         turns = [*history, {"role": "user", "content": content}]
-        input_ids = self._chat_prompt_ids(processor, turns, metadata)
-        answer = self._chat_answer(input_ids, features, generation_config, processor.tokenizer)
+        input_ids = self._chat_prompt_ids(processor, turns, kind, len(features))
+        answer = self._chat_answer(input_ids, features, kind, generation_config, processor.tokenizer)
         user_role, assistant_role = (f"{ORIGINAL_ROLE_PREFIX}user", f"{ORIGINAL_ROLE_PREFIX}assistant") if (
             original_roles) else ("user", "assistant")
         history += [{"role": user_role, "content": content}, {"role": assistant_role, "content": answer}]
@@ -129,25 +145,26 @@ class VideoChatFlashChatMixin:
                 cache.popitem(last=False)
         return result
 
-    def _chat_prompt_ids(self, processor, turns: list[dict], metadata) -> torch.Tensor:
-        """`(1, L)` ids of the conversation, rendered by the processor's chat template. The video sits where the first
-        user turn has its ``<image>``; the time message is already in that turn's text, as in the original."""
+    def _chat_prompt_ids(self, processor, turns: list[dict], kind: str, num_tokens: int) -> torch.Tensor:
+        """`(1, L)` ids of the conversation, rendered by the processor's chat template. The video (or image) of
+        `num_tokens` tokens sits where the first user turn has its ``<image>``; a video's time message is already
+        in that turn's text, as in the original."""
         from .processing_videochat_flash import media_blocks
 
-        messages, video_placed = [], False
+        messages, placed = [], False
         for turn in turns:
             role, content = normalize_role(turn["role"]), turn["content"]
-            if not video_placed and role == "user" and MEDIA_MARKER in content:
-                content, video_placed = media_blocks(content, ["video"]), True
+            if not placed and role == "user" and MEDIA_MARKER in content:
+                content, placed = media_blocks(content, [kind]), True
             messages.append({"role": role, "content": content})
-        if not video_placed:
+        if not placed:
             raise ValueError(f"chat_history must start with a user turn holding {MEDIA_MARKER!r}, as chat() returns it")
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        video_text = processor.video_replacement(metadata.num_frames, metadata, time_message_style=None)
-        (text,), _ = processor.get_text_with_replacements([prompt], videos_replacements=[video_text])
+        placeholder = getattr(processor, f"{kind}_token") * num_tokens
+        (text,), _ = processor.get_text_with_replacements([prompt], **{f"{kind}s_replacements": [placeholder]})
         return processor.tokenizer(text, return_tensors="pt")["input_ids"]
 
-    def _chat_answer(self, input_ids, features, generation_config, tokenizer) -> str:
+    def _chat_answer(self, input_ids, features, kind, generation_config, tokenizer) -> str:
         from .streaming_videochat_flash import as_mm_encoder_outputs
 
         kwargs = self._chat_generate_kwargs(generation_config, tokenizer)
@@ -157,7 +174,7 @@ class VideoChatFlashChatMixin:
         embeddings = self.get_input_embeddings().weight
         if reused == 0:  # with a reused prefix the video is already in the cache
             video = features.to(device=embeddings.device, dtype=embeddings.dtype)
-            kwargs["mm_encoder_outputs"] = as_mm_encoder_outputs(video)
+            kwargs["mm_encoder_outputs"] = as_mm_encoder_outputs(video, kind=kind)
         input_ids = input_ids.to(embeddings.device)
         with torch.inference_mode():
             output_ids = self.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
@@ -204,8 +221,8 @@ class VideoChatFlashChatMixin:
             n = min(cached_ids.shape[0], ids.shape[0] - 1)  # at least one new token to run
             differ = (cached_ids[:n] != ids[:n]).nonzero()
             common = int(differ[0]) if differ.numel() else n
-            video = (ids == self.config.video_token_id).nonzero()
-            if common > (int(video[-1]) if video.numel() else -1) and common > 0:  # the whole video is in the prefix
+            visual = self.model.visual_token_mask(ids[None])[0].nonzero()
+            if common > (int(visual[-1]) if visual.numel() else -1) and common > 0:  # all visual tokens in the prefix
                 cache = previous["cache"]
                 extra = cache.get_seq_length() - common
                 if extra > 0:

@@ -222,8 +222,9 @@ def labels_from_assistant_mask(input_ids: list[int], mask: list[int], tokenizer,
 
 # ---------------------------------------------------------------------------------------------------- dataset
 class VideoChatFlashTrainingDataset(torch.utils.data.Dataset):
-    """Records -> ``{"input_ids", "labels", "pixel_values_videos" + "video_frame_counts" | "pixel_values"}``, one
-    sample each, through the processor (chat template, training frame sampling, placeholder expansion).
+    """Records -> ``{"input_ids", "labels", "pixel_values_videos" + "video_frame_counts" | "pixel_values" +
+    "image_grids"}``, one sample each, through the processor (chat template, training frame sampling, placeholder
+    expansion; one image in tiles, several padded).
 
     Args:
         records: LLaVA-style dicts (see :func:`load_records`).
@@ -286,8 +287,8 @@ class VideoChatFlashTrainingDataset(torch.utils.data.Dataset):
             pixels = inputs["pixel_values_videos"]
             item.update(pixel_values_videos=pixels.reshape(-1, *pixels.shape[-3:]),
                         video_frame_counts=inputs["video_frame_counts"].tolist())
-        if "pixel_values" in inputs:
-            item["pixel_values"] = inputs["pixel_values"]
+        if "pixel_values" in inputs:  # image tiles and their grids (one image: anyres tiles; several: padded)
+            item.update(pixel_values=inputs["pixel_values"], image_grids=inputs["image_grids"])
         return item
 
 
@@ -295,7 +296,7 @@ class VideoChatFlashTrainingDataset(torch.utils.data.Dataset):
 class VideoChatFlashDataCollator:
     """Pads dataset items into a batch: ``input_ids``, ``attention_mask``, ``labels`` ``(batch, length)`` (right
     padding by default; labels -100 on padding), ``pixel_values_videos`` ``(sum T, 3, S, S)`` with
-    ``video_frame_counts``, ``pixel_values`` ``(images, 3, S, S)``."""
+    ``video_frame_counts``, ``pixel_values`` ``(tiles, 3, S, S)`` with ``image_grids`` ``(images, 2)``."""
 
     pad_token_id: int
     padding_side: str = "right"
@@ -317,7 +318,8 @@ class VideoChatFlashDataCollator:
         if videos:
             batch["pixel_values_videos"] = torch.cat([item["pixel_values_videos"] for item in videos])
             batch["video_frame_counts"] = torch.tensor([n for item in videos for n in item["video_frame_counts"]])
-        images = [item["pixel_values"] for item in items if "pixel_values" in item]
-        if images:
-            batch["pixel_values"] = torch.cat(images)
+        for key in ("pixel_values", "image_grids"):
+            parts = [item[key] for item in items if key in item]
+            if parts:
+                batch[key] = torch.cat(parts)
         return batch

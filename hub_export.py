@@ -343,7 +343,11 @@ def convert_original_checkpoint(source, destination, *, base_model: str | None =
     are written beside them.
     """
     from .configuration_videochat_flash import VideoChatFlashConfig
-    from .processing_videochat_flash import VideoChatFlashProcessor, VideoChatFlashVideoProcessor
+    from .processing_videochat_flash import (
+        VideoChatFlashImageProcessor,
+        VideoChatFlashProcessor,
+        VideoChatFlashVideoProcessor,
+    )
 
     source, destination = Path(source), Path(destination)
     if not (source / "config.json").is_file():
@@ -355,8 +359,9 @@ def convert_original_checkpoint(source, destination, *, base_model: str | None =
     config = VideoChatFlashConfig.from_dict(original)
 
     tokenizer = _load_original_tokenizer(source)
-    processor = VideoChatFlashProcessor(video_processor=VideoChatFlashVideoProcessor(size=config.image_size),
-                                        tokenizer=tokenizer)
+    images = {key: original[key] for key in ("image_aspect_ratio", "image_grid_pinpoints") if key in original}
+    processor = VideoChatFlashProcessor(VideoChatFlashImageProcessor(size=config.image_size, **images),
+                                        VideoChatFlashVideoProcessor(size=config.image_size), tokenizer)
     ids = check_placeholder_ids(processor, config.vocab_size)
     config.video_token_id, config.image_token_id = ids["video_token_id"], ids["image_token_id"]
 

@@ -6,6 +6,7 @@ published checkpoints' (``model.layers.N.*``, ``model.vision_tower.vision_tower.
 ``lm_head.weight``), so their safetensors load unchanged.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -201,11 +202,15 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
 
     def encode_clips(self, clips: torch.Tensor) -> torch.Tensor:
         """`(num_clips, clip_frames, 3, S, S)` normalised pixels -> `(num_clips, 16 * clip_frames, hidden_size)`
-        projected tokens in time order, `clips_per_tower_call` clips per vision-tower call."""
+        projected tokens in time order, `clips_per_tower_call` clips per vision-tower call. 1-frame clips are still
+        images (tiles): the tower's image position table, and 64 tokens each (the projector's ``compress=False``)."""
         clip_frames, outputs = clips.shape[1], []
-        for chunk in torch.split(clips, self.clips_per_tower_call):
+        for chunk in torch.split(clips, self.clips_per_tower_call * (self.config.mm_local_num_frames // clip_frames)):
             chunk = chunk.to(device=self.vision_tower_device, dtype=self.vision_tower_dtype)
             features = self._run_vision_tower(chunk)  # (clips, frames * patches, width)
+            if clip_frames == 1:
+                outputs.append(self.mm_projector(features, compress=False))
+                continue
             features = features.reshape(chunk.shape[0] * clip_frames, -1, features.shape[-1])
             outputs.append(self.mm_projector(features, compress=True, local_num_frames=clip_frames))
         return torch.cat(outputs)
@@ -244,15 +249,24 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         features = tuple(t.reshape(-1, t.shape[-1]) for t in per_video)
         return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
 
-    def get_image_features(self, pixel_values, return_dict=False, **kwargs):
-        """Images `(images, 3, S, S)` (or one `(3, S, S)`) -> a tuple of one `(64, hidden_size)` tensor per image (the
-        ``pooler_output`` of a `BaseModelOutputWithPooling` when `return_dict`)."""
-        if pixel_values.dim() == 3:
-            pixel_values = pixel_values[None]
-        pixel_values = pixel_values.to(device=self.vision_tower_device, dtype=self.vision_tower_dtype)
-        features = self._run_vision_tower(pixel_values[:, None])  # single frame -> image position table
-        features = tuple(self.mm_projector(features, compress=False))  # (64, hidden) per image
-        return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
+    def get_image_features(self, pixel_values, image_grids=None, return_dict=False, **kwargs):
+        """Image tiles `(tiles, 3, S, S)` (or one `(3, S, S)`) and `image_grids` `(images, 2)`: each image's base tile,
+        then its `rows x cols` grid of tiles row-major (``(0, 0)``: the base alone; None: every tile is an image) ->
+        a tuple of one `(64 * (1 + rows * cols), hidden_size)` tensor per image (the ``pooler_output`` of a
+        `BaseModelOutputWithPooling` when `return_dict`): the base's 64 tokens, then the tiles' as one
+        `(rows * 8, cols * 8)` raster (the original's ``spatial_nopad``)."""
+        pixel_values = pixel_values[None] if pixel_values.dim() == 3 else pixel_values
+        grids = torch.zeros(len(pixel_values), 2, dtype=torch.long) if image_grids is None else torch.as_tensor(
+            image_grids).reshape(-1, 2).cpu()
+        counts = (1 + grids.prod(-1)).tolist()
+        if sum(counts) != len(pixel_values):
+            raise ValueError(f"image_grids={grids.tolist()} make {sum(counts)} tiles, pixel_values has {len(pixel_values)}")
+        features = []
+        for tokens, (rows, cols) in zip(self.encode_clips(pixel_values[:, None]).split(counts), grids.tolist()):
+            side, width = math.isqrt(tokens.shape[1]), tokens.shape[-1]  # 8 x 8 tokens per tile
+            grid = tokens[1:].reshape(rows, cols, side, side, width).transpose(1, 2).reshape(-1, width)
+            features.append(torch.cat([tokens[0], grid]))
+        return BaseModelOutputWithPooling(pooler_output=tuple(features)) if return_dict else tuple(features)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
         """`(batch, seq, 1)` bool image and video placeholder masks, from `input_ids` (else by matching placeholder
@@ -275,7 +289,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
 
     def embed_multimodal(
         self, input_ids, inputs_embeds=None, pixel_values_videos=None, video_frame_counts=None, pixel_values=None,
-        mm_encoder_outputs=None, attention_mask=None,
+        image_grids=None, mm_encoder_outputs=None, attention_mask=None,
     ):
         """`(batch, seq, hidden)` text embeddings with the visual tokens written at their placeholders; the pixels are
         encoded unless `mm_encoder_outputs` (``{"video" / "image": BaseModelOutputWithPooling}``) holds their tokens.
@@ -288,7 +302,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
             encoded["video"] = self.get_video_features(pixel_values_videos, video_frame_counts, True,
                                                        "left" if left else None)
         if encoded.get("image") is None and pixel_values is not None:
-            encoded["image"] = self.get_image_features(pixel_values, True)
+            encoded["image"] = self.get_image_features(pixel_values, image_grids, True)
         features = {kind: torch.cat(list(output.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
                     for kind, output in encoded.items() if output is not None}
         if input_ids is None:
@@ -319,7 +333,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None, inputs_embeds=None,
         use_cache=None,
         # visual inputs: see `embed_multimodal`
-        pixel_values_videos=None, video_frame_counts=None, pixel_values=None, mm_encoder_outputs=None,
+        pixel_values_videos=None, video_frame_counts=None, pixel_values=None, image_grids=None, mm_encoder_outputs=None,
         # token dropping and outputs
         labels=None, drop_query_position=None, output_hidden_states=None, past_key_values: Cache | None = None,
         **kwargs,
@@ -350,7 +364,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
                                        labels if self.training else None, drop_query_position)
         if inputs_embeds is None or pixel_values_videos is not None or pixel_values is not None or mm_encoder_outputs:
             inputs_embeds = self.embed_multimodal(input_ids, inputs_embeds, pixel_values_videos, video_frame_counts,
-                                                  pixel_values, mm_encoder_outputs, attention_mask)
+                                                  pixel_values, image_grids, mm_encoder_outputs, attention_mask)
         batch, query_length = inputs_embeds.shape[:2]
         past_length = int(cache.get_seq_length()) if cache is not None else 0  # layer 0 is never shortened
         # Keys the layers see: cached + new, or a static cache's full length (its unwritten slots are masked).
@@ -445,7 +459,7 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
         # every model input is named, as generate() needs (see `VideoChatFlashModel.forward`)
         input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None, inputs_embeds=None,
         labels=None, use_cache=None, logits_to_keep=0,
-        pixel_values_videos=None, video_frame_counts=None, pixel_values=None, mm_encoder_outputs=None,
+        pixel_values_videos=None, video_frame_counts=None, pixel_values=None, image_grids=None, mm_encoder_outputs=None,
         drop_query_position=None, past_key_values: Cache | None = None, **kwargs,
     ) -> VideoChatFlashCausalLMOutput:
         r"""Logits (and with `labels` the loss) of [`VideoChatFlashModel.forward`]'s states. `labels` `(batch, seq)` are
@@ -458,7 +472,7 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             pixel_values_videos=pixel_values_videos, video_frame_counts=video_frame_counts, pixel_values=pixel_values,
-            mm_encoder_outputs=mm_encoder_outputs, labels=labels, drop_query_position=drop_query_position, **kwargs)
+            image_grids=image_grids, mm_encoder_outputs=mm_encoder_outputs, labels=labels, drop_query_position=drop_query_position, **kwargs)
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # 0: all
         logits, loss = self.lm_head(outputs.last_hidden_state[:, kept]), None
         if labels is not None:

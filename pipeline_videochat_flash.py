@@ -119,21 +119,22 @@ class VideoTextToTextPipeline(Pipeline):
             conversation.messages, add_generation_prompt=not final, continue_final_message=final, tokenize=True,
             return_dict=True, return_tensors="pt", processor_kwargs=processor_kwargs or {},
         )
-        # Visual inputs as lists (one tensor per video / image): the batching then keeps them whole, whatever each
-        # row holds (other frame counts, images, nothing), where a tensor would be padded or refused.
+        # Visual inputs as lists (one tensor per video, the tiles of each image): the batching then keeps them whole,
+        # whatever each row holds (other frame counts or tile counts, nothing), where a tensor would be padded or refused.
         counts, pixels = inputs.pop("video_frame_counts", None), inputs.pop("pixel_values_videos", None)
         videos = list(pixels.reshape(-1, *pixels.shape[-3:]).split(counts.tolist())) if pixels is not None else []
-        images = list(inputs.pop("pixel_values", []))
-        return {**inputs, "videos": videos, "images": images, "conversation": conversation}
+        grids, tiles = inputs.pop("image_grids", torch.zeros(0, 2, dtype=torch.long)), inputs.pop("pixel_values", None)
+        images = list(tiles.split((1 + grids.prod(-1)).tolist())) if tiles is not None else []
+        return {**inputs, "videos": videos, "images": images, "grids": list(grids), "conversation": conversation}
 
     def _forward(self, model_inputs, generate_kwargs=None):
         conversation = model_inputs.pop("conversation")
         visual = {key: [t for row in model_inputs.pop(key) for t in (row if isinstance(row, list) else [row])]
-                  for key in ("videos", "images")}
+                  for key in ("videos", "images", "grids")}
         if visual["videos"]:
             model_inputs["pixel_values_videos"] = visual["videos"]
         if visual["images"]:
-            model_inputs["pixel_values"] = torch.stack(visual["images"])
+            model_inputs.update(pixel_values=torch.cat(visual["images"]), image_grids=torch.stack(visual["grids"]))
         generated = self.model.generate(**model_inputs, **self._prepare_generate_kwargs(dict(generate_kwargs or {})))
         return {"new_tokens": generated[:, model_inputs["input_ids"].shape[1] :], "conversation": conversation}
 

@@ -5,19 +5,20 @@ pixels, each frame squashed to S x S with PIL bicubic, x 1/255, ImageNet mean/st
 bit for bit); ``iter_pixel_chunks`` gives them chunk by chunk, ``preprocess`` at once. The image processor uses the
 same pixel function. The processor adds a Qwen2 tokenizer and the ``qwen_2`` chat template and only fills
 ProcessorMixin's hooks: a ``<|video_pad|>`` becomes 16 tokens per frame + the time message, an ``<|image_pad|>`` 64
-tokens. Batches are padded on the left (ready for ``generate``) unless ``padding_side="right"``.
+tokens per tile of the image. Batches are padded on the left (ready for ``generate``) unless ``padding_side="right"``.
 """
 
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from tokenizers import AddedToken
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_utils import BaseImageProcessor
-from transformers.image_utils import make_flat_list_of_images
+from transformers.image_processing_utils import BaseImageProcessor, select_best_resolution
+from transformers.image_utils import make_flat_list_of_images, make_nested_list_of_images
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, VideosKwargs
 from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
@@ -100,21 +101,62 @@ def frames_to_pixels(frames, size: dict, do_resize: bool = True, do_rescale: boo
     return output
 
 
+def grid_pinpoints(pinpoints, side: int, max_tiles: int | None = None) -> list[tuple[int, int]]:
+    """The `(height, width)` resolutions an image may be tiled at: the config's ``image_grid_pinpoints`` (``[width,
+    height]`` pairs in pixels, or the original's ``"(1x1),...,(6x6)"`` range in tiles of `side`; None: that range),
+    in their order (the first wins a tie), without those over `max_tiles` tiles."""
+    if pinpoints is None or isinstance(pinpoints, str):  # the original's parsing: every (i, j) between the ends
+        ends = re.findall(r"\((\d+)x(\d+)\)", pinpoints or "(1x1),(6x6)")
+        (w0, h0), (w1, h1) = [tuple(map(int, end)) for end in (ends[0], ends[-1])]
+        pinpoints = [(i * side, j * side) for i in range(w0, w1 + 1) for j in range(h0, h1 + 1)]
+    if any(w % side or h % side or w <= 0 or h <= 0 for w, h in pinpoints):
+        raise ValueError(f"image_grid_pinpoints must be multiples of the {side} px tile side, got {pinpoints}")
+    return [(h, w) for w, h in pinpoints if max_tiles is None or (w // side) * (h // side) <= max_tiles]
+
+
+def image_tiles(image: np.ndarray, side: int, resolutions) -> tuple[np.ndarray, tuple[int, int]]:
+    """One `(H, W, 3)` uint8 image the original's ``anyres_nopad`` way -> `(1 + rows * cols, side, side, 3)`: the base
+    (the whole image squashed to side x side), then the tiles row-major of the whole image squashed to the best of
+    `resolutions` (transformers' ``select_best_resolution``: most of the image kept, then least waste); `(rows, cols)`."""
+    height, width = select_best_resolution(image.shape[:2], resolutions)
+    rows, cols = height // side, width // side
+    tiles = resize_frame(image, (height, width)).reshape(rows, side, cols, side, 3).swapaxes(1, 2)
+    return np.concatenate([resize_frame(image, side)[None], tiles.reshape(-1, side, side, 3)]), (rows, cols)
+
+
+def pad_to_square(image: np.ndarray, fill) -> np.ndarray:
+    """`(H, W, 3)` centred on a square of colour `fill` (the original's ``expand2square``)."""
+    height, width = image.shape[:2]
+    canvas = np.empty((max(height, width),) * 2 + (3,), np.uint8)
+    canvas[:] = fill
+    top, left = (len(canvas) - height) // 2, (len(canvas) - width) // 2
+    canvas[top : top + height, left : left + width] = image
+    return canvas
+
+
 class VideoChatFlashImageProcessor(BaseImageProcessor):
-    r"""Still images -> `pixel_values` `(images, 3, S, S)`: each image squashed to S x S like a video frame.
+    r"""Still images -> `pixel_values` `(tiles, 3, S, S)` + `image_grids` `(images, 2)`, as the published model was
+    trained: the only image of a sample in tiles (``anyres_nopad``: a base image then `rows x cols` tiles, 64 tokens
+    each; its grid ``(rows, cols)``), each of several images padded to a square of the mean colour and squashed to S x S
+    (``pad``: one tile, grid ``(0, 0)``). Images come as one sample (an image, a list) or a batch (a list of lists).
 
     Args:
         size (`int` or `dict`, defaults to 224): the tower's frame side (224 or 448 for the published checkpoints).
         do_resize, do_rescale, rescale_factor, do_normalize, image_mean, image_std: as in transformers' image
             processors (defaults: 1/255, ImageNet mean/std); frames are resized with PIL bicubic (``resample=3``).
+        image_aspect_ratio: ``"anyres_nopad"`` (the checkpoints' config) or ``"pad"`` (every image one padded tile).
+        image_grid_pinpoints: see :func:`grid_pinpoints` (default: 1x1 to 6x6 tiles).
+        max_image_tiles: a cap on the tiles of one image, to bound its cost (default: none).
     """
 
     _auto_class = "AutoImageProcessor"  # save_pretrained writes auto_map and copies this file (remote code)
-    model_input_names = ["pixel_values"]
+    model_input_names = ["pixel_values", "image_grids"]
     PIXEL_OPTIONS = ("size", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+    TILE_OPTIONS = ("image_aspect_ratio", "image_grid_pinpoints", "max_image_tiles")
 
     def __init__(self, size=224, resample=PIL_BICUBIC, do_resize=True, do_rescale=True, rescale_factor=1 / 255,
-                 do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **kwargs):
+                 do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, image_aspect_ratio="anyres_nopad",
+                 image_grid_pinpoints=None, max_image_tiles=None, **kwargs):
         for name in ("image_processor_type", "video_processor_type", "processor_class"):
             kwargs.pop(name, None)
         super().__init__(**kwargs)
@@ -124,6 +166,8 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
         self.resample, self.do_resize, self.do_rescale = PIL_BICUBIC, do_resize, do_rescale
         self.rescale_factor, self.do_normalize = rescale_factor, do_normalize
         self.image_mean, self.image_std = [float(m) for m in image_mean], [float(s) for s in image_std]
+        self.image_aspect_ratio, self.image_grid_pinpoints = image_aspect_ratio, image_grid_pinpoints
+        self.max_image_tiles = max_image_tiles
 
     def _options(self, names: Sequence[str], overrides: dict) -> dict[str, Any]:
         """Settings `names` with one call's `overrides` (None keeps a setting; for num_frames / fps it means off)."""
@@ -142,17 +186,35 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
                       "default_to_square", "return_metadata", "time_message")
 
     def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
-        """Images (PIL, arrays, tensors, paths or URLs; nested lists) -> ``pixel_values`` `(images, 3, S, S)`."""
-        options = self._options(self.PIXEL_OPTIONS, kwargs)
-        images = make_flat_list_of_images(self.fetch_images(images))
-        pixels = np.stack([frames_to_pixels([rgb_frame(image)], **options)[0] for image in images])
-        return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
+        """Images (PIL, arrays, tensors, paths or URLs), one sample or a batch of samples (nested lists) ->
+        ``pixel_values`` `(tiles, 3, S, S)` (each image's tiles in turn) and ``image_grids`` `(images, 2)`."""
+        options = self._options(self.PIXEL_OPTIONS + self.TILE_OPTIONS, kwargs)
+        mode, side, pixel_options = options["image_aspect_ratio"], options["size"]["height"], {
+            name: options[name] for name in self.PIXEL_OPTIONS}
+        if mode not in ("anyres_nopad", "pad") or side != options["size"]["width"]:
+            raise ValueError(f"image_aspect_ratio={mode!r}, size={options['size']}: images are 'anyres_nopad' or "
+                             "'pad' on square tiles")
+        resolutions = grid_pinpoints(options["image_grid_pinpoints"], side, options["max_image_tiles"]) or [
+            (side, side)]  # a cap under one tile leaves the smallest grid
+        fill = tuple(int(m * 255) for m in options["image_mean"])
+        pixels, grids = [], []
+        for sample in make_nested_list_of_images(self.fetch_images(images)):
+            for image in sample:
+                image = rgb_frame(image)
+                tiles, grid = image_tiles(image, side, resolutions) if mode == "anyres_nopad" and len(sample) == 1 \
+                    else (pad_to_square(image, fill)[None], (0, 0))
+                pixels.append(frames_to_pixels(tiles, **pixel_options))
+                grids.append(grid)
+        data = {"pixel_values": np.concatenate(pixels), "image_grids": np.array(grids, np.int64).reshape(-1, 2)}
+        return BatchFeature(data, tensor_type=return_tensors)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        for key in ("_processor_class", "_valid_kwargs_names"):
+        for key in self.NOT_SAVED:
             output.pop(key, None)
         return output
+
+    NOT_SAVED = ("_processor_class", "_valid_kwargs_names")
 
 
 class VideoChatFlashVideosKwargs(VideosKwargs, total=False):
@@ -185,6 +247,7 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
     model_input_names = ["pixel_values_videos", "video_frame_counts"]
     SAMPLING_OPTIONS = tuple(field.name for field in dataclasses.fields(FrameSampling))
     VIDEO_OPTIONS = VideoChatFlashImageProcessor.PIXEL_OPTIONS + SAMPLING_OPTIONS + ("video_backend",)
+    NOT_SAVED = VideoChatFlashImageProcessor.NOT_SAVED + VideoChatFlashImageProcessor.TILE_OPTIONS  # images only
 
     def __init__(self, size=224, max_num_frames=FrameSampling.max_num_frames, num_frames=None, fps=None,
                  min_num_frames=FrameSampling.min_num_frames, frames_multiple=FrameSampling.frames_multiple,
@@ -278,17 +341,17 @@ class VideoChatFlashProcessor(ProcessorMixin):
     r"""VideoChat-Flash processor: image + video processors, a Qwen2 tokenizer and the ``qwen_2`` chat template.
 
     ``processor(text=..., videos=..., images=...)`` returns ``input_ids``, ``attention_mask`` and, when given,
-    ``pixel_values_videos`` + ``video_frame_counts`` and ``pixel_values``. Each `video_token` in the text becomes
+    ``pixel_values_videos`` + ``video_frame_counts`` and ``pixel_values`` + ``image_grids``. Each `video_token` in the text becomes
     ``tokens_per_frame * T`` tokens followed by the original time message (known for files; for decoded frames when
     ``video_metadata`` gives ``duration``, or ``fps`` / ``total_num_frames``; the ``time_message`` video kwarg
-    chooses ``"short"``, ``"long"`` or None), each `image_token` ``num_image_tokens`` tokens and ``"\n"``.
+    chooses ``"short"``, ``"long"`` or None), each `image_token` ``num_image_tokens`` per tile of the image (base + grid).
 
     Args:
         image_processor / video_processor: built with defaults (224 px) when omitted.
         tokenizer: a Qwen2 tokenizer; the placeholder tokens are appended to it when missing.
         chat_template: defaults to :data:`CHAT_TEMPLATE`.
         video_token / image_token: the placeholders (``<|video_pad|>`` / ``<|image_pad|>``).
-        tokens_per_frame (16) / num_image_tokens (64): visual tokens per video frame / per image.
+        tokens_per_frame (16) / num_image_tokens (64): visual tokens per video frame / per image tile.
         padding_side (``"left"``): how the tokenizer pads batches (left: ready for ``generate``, and what the
             pipelines' batching follows); set on the tokenizer.
     """
@@ -340,10 +403,11 @@ class VideoChatFlashProcessor(ProcessorMixin):
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, subfolder=subfolder,
                                                         **kwargs)
         video_processor = VideoChatFlashVideoProcessor(**{**processor_dict.get("video_processor", {}), **video})
-        image = {k: v for k, v in video.items() if k in VideoChatFlashImageProcessor.PIXEL_OPTIONS}
-        image_dict = processor_dict.get("image_processor")
-        image_processor = VideoChatFlashImageProcessor(**{**image_dict, **image}) if image_dict is not None else None
-        return [image_processor, video_processor, tokenizer]
+        pixels = VideoChatFlashImageProcessor.PIXEL_OPTIONS
+        image = {k: kwargs.pop(k) for k in VideoChatFlashImageProcessor.TILE_OPTIONS if k in kwargs}
+        image.update({k: v for k, v in video.items() if k in pixels})
+        image_dict = processor_dict.get("image_processor") or {k: getattr(video_processor, k) for k in pixels}
+        return [VideoChatFlashImageProcessor(**{**image_dict, **image}), video_processor, tokenizer]
 
     # ---- ProcessorMixin's hooks: what replaces each placeholder
     def video_replacement(self, num_frames: int, metadata=None, time_message_style: str | None = "short") -> str:
@@ -367,4 +431,14 @@ class VideoChatFlashProcessor(ProcessorMixin):
         return self.video_replacement(num_frames, video_inputs["video_metadata"][video_idx], time_message)
 
     def replace_image_token(self, image_inputs, image_idx: int, **kwargs) -> str:
-        return self.image_token * self.num_image_tokens
+        rows, cols = (int(n) for n in image_inputs["image_grids"][image_idx])
+        return self.image_token * (self.num_image_tokens * (1 + rows * cols))  # the base image, then each tile
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        images, text, videos, audio = super().prepare_inputs_layout(images, text, videos, audio, **kwargs)
+        if images is not None and text is not None:  # grouped by the sample whose text holds them: one image -> tiles
+            flat, counts = make_flat_list_of_images(images), [sample.count(self.image_token) for sample in text]
+            if sum(counts) == len(flat):  # (else validate_inputs says what is wrong)
+                ends = np.cumsum([0, *counts]).tolist()
+                images = [flat[start:end] for start, end in zip(ends, ends[1:])]
+        return images, text, videos, audio

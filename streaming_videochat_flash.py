@@ -99,6 +99,6 @@ def encode_video_streaming(model, video, *, video_processor: VideoChatFlashVideo
     return tokens, metadata
 
 
-def as_mm_encoder_outputs(*features: torch.Tensor) -> dict[str, BaseModelOutputWithPooling]:
-    """``mm_encoder_outputs`` for ``forward`` / ``generate`` from per-video token tensors (in prompt order)."""
-    return {"video": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+def as_mm_encoder_outputs(*features: torch.Tensor, kind: str = "video") -> dict[str, BaseModelOutputWithPooling]:
+    """``mm_encoder_outputs`` for ``forward`` / ``generate`` from per-video (or image) token tensors, in prompt order."""
+    return {kind: BaseModelOutputWithPooling(pooler_output=tuple(features))}

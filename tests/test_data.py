@@ -133,8 +133,12 @@ def test_masking_options_original_mode_plain_format_and_images(media):
         "<|im_start|>user\n<I>\n<I>\nSame?<|im_end|>\n<|im_start|>assistant\nNo.<|im_end|>\n")
     assert item["pixel_values"].shape == (2, 3, SIZE, SIZE) and "pixel_values_videos" not in item
     assert decode_trained(tokenizer, item) == "No.<|im_end|>\n"
+    assert item["image_grids"].tolist() == [[0, 0], [0, 0]]  # several images: each one padded tile
     plain = dataset(media, [record("image0.png", "<image>\nQ?", "A.", key="image")], prompt_format="plain")[0]
-    assert plain["input_ids"].tolist() == [260] * 64 + tokenizer("A.\n", add_special_tokens=False)["input_ids"]
+    (rows, cols), = plain["image_grids"].tolist()  # one image: the base and its tiles
+    assert plain["pixel_values"].shape == (1 + rows * cols, 3, SIZE, SIZE)
+    assert plain["input_ids"].tolist() == [260] * (64 * (1 + rows * cols)) + tokenizer(
+        "A.\n", add_special_tokens=False)["input_ids"]
 
     with pytest.raises(ValueError, match="markers"):
         dataset(media, [record("clip0.mp4", "<image><image>", "x")])[0]

@@ -98,3 +98,29 @@ def test_pipeline_options_mixed_batches_continuations_and_datasets(folder_and_vi
     assert len(answers) == 2
     streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True)
     assert pipe(video, QUESTION, streamer=streamer, stop_sequence="x")[0]["generated_text"] is not None
+
+
+def test_batched_image_pipelines_with_different_tile_counts_equal_single_runs(folder_and_video, tmp_path):
+    """Image blocks: a 3-tile and a 2-tile image (and an image beside a video) batched equal single runs, through our
+    pipeline and the stock image-text-to-text one (PIL images in the messages)."""
+    import numpy as np
+    from PIL import Image
+
+    folder, video = folder_and_video
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / "wide.png", tmp_path / "square.png"]
+    for path, shape in zip(paths, [(40, 130, 3), (50, 50, 3)]):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+    chats = [[{"role": "user", "content": [{"type": "image", "path": str(path)}, *extra,
+                                           {"type": "text", "text": "What is it?"}]}]
+             for path, extra in zip(paths, [[{"type": "video", "path": video}], []])]
+    pipe = pipeline("video-text-to-text", model=folder, trust_remote_code=True)
+    single = [pipe(chat, max_new_tokens=8)[0]["generated_text"] for chat in chats]
+    assert [r[0]["generated_text"] for r in pipe(chats, max_new_tokens=8, batch_size=2)] == single
+    stock = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+    images_only = [[{"role": "user", "content": [{"type": "image", "image": Image.open(path)},
+                                                 {"type": "text", "text": "What is it?"}]}] for path in paths]
+    alone = [stock(text=chat, max_new_tokens=8)[0]["generated_text"][-1]["content"] for chat in images_only]
+    together = stock(text=images_only, max_new_tokens=8, batch_size=2)
+    assert [r[0]["generated_text"][-1]["content"] for r in together] == alone
+    assert alone[1].strip() == single[1]  # the same answer from the stock pipeline and ours

@@ -206,11 +206,14 @@ def test_images_and_videos_in_one_prompt(preprocess_golden):
         text=prompt, images=[image], videos=[frames], video_metadata={"duration": 2.0}, return_tensors="pt"
     )
     ids = out["input_ids"][0].tolist()
-    assert ids.count(processor.image_token_id) == 64 and ids.count(processor.video_token_id) == 16 * 4
-    assert out["pixel_values"].shape == (1, 3, 224, 224)
-    # an image is processed as a single frame: same pixels as that frame inside the video
+    (rows, cols), = out["image_grids"].tolist()  # the only image of the prompt: a base image and its tiles
+    tokens = 64 * (1 + rows * cols)
+    assert ids.count(processor.image_token_id) == tokens and ids.count(processor.video_token_id) == 16 * 4
+    assert out["pixel_values"].shape == (1 + rows * cols, 3, 224, 224)
+    # the base image is squashed like a video frame: the same pixels as that frame inside the video
     assert torch.equal(out["pixel_values"][0], out["pixel_values_videos"][0, 1])
-    text = processor.tokenizer.decode(ids).replace("<|image_pad|>" * 64, "<I>").replace("<|video_pad|>" * 64, "<V>")
+    text = processor.tokenizer.decode(ids).replace("<|image_pad|>" * tokens, "<I>").replace("<|video_pad|>" * 64,
+                                                                                           "<V>")
     assert text == (
         "<I>\nCompare with <V>"
         "\nThe video lasts for 2.00 seconds, and 4 frames are uniformly sampled from it. the video."
