@@ -45,14 +45,6 @@ def _video_backend(media_dict: dict | None) -> str | None:
     return READ_TYPES[media_dict.get("video_read_type")]
 
 
-def _is_image(media) -> bool:
-    """A still image for chat(): a PIL image or an image file (decoded frames and videos are videos)."""
-    from .video_loading import IMAGE_EXTENSIONS
-
-    return type(media).__module__.startswith("PIL.") or isinstance(media, (str, os.PathLike)) and os.fspath(
-        media).lower().endswith(IMAGE_EXTENSIONS)
-
-
 class VideoChatFlashChatMixin:
     """Adds :meth:`chat` (the original conversation API) to ``VideoChatFlashForCausalLM``."""
 
@@ -73,10 +65,13 @@ class VideoChatFlashChatMixin:
         when `return_history`.
         """
         processor = processor if processor is not None else self._chat_processor(tokenizer)
-        kind = "image" if _is_image(video_path) else "video"
+        from .video_loading import is_still_image
+
+        kind = "image" if is_still_image(video_path) else "video"
         if kind == "image":  # the image processor's tiles (anyres), as in training
+            image = os.fspath(video_path) if isinstance(video_path, os.PathLike) else video_path
             with torch.inference_mode():
-                (features,) = self.get_image_features(**processor.image_processor(video_path, return_tensors="pt"))
+                (features,) = self.get_image_features(**processor.image_processor(image, return_tensors="pt"))
             metadata = None
         else:
             features, metadata = self._chat_video_tokens(video_path, processor, max_num_frames,
@@ -105,21 +100,28 @@ class VideoChatFlashChatMixin:
         self._chat_prefix_state = None
 
     def _chat_processor(self, tokenizer):
-        """A processor for `tokenizer` and this model's frame size, built once per tokenizer."""
-        from .processing_videochat_flash import VideoChatFlashProcessor, VideoChatFlashVideoProcessor
+        """A processor for `tokenizer` and this model's frame size and image settings, built once for them."""
+        from .processing_videochat_flash import (
+            VideoChatFlashImageProcessor,
+            VideoChatFlashProcessor,
+            VideoChatFlashVideoProcessor,
+        )
 
+        images = {name: getattr(self.config, name) for name in ("image_aspect_ratio", "image_grid_pinpoints")
+                  if getattr(self.config, name, None) is not None}  # the checkpoint's, as the original reads them
+        key = (tokenizer, self.config.image_size, repr(images))
         cached = getattr(self, "_chat_processor_cache", None)
-        if cached is not None and cached[0] is tokenizer:
+        if cached is not None and cached[0][0] is tokenizer and cached[0][1:] == key[1:]:
             return cached[1]
-        processor = VideoChatFlashProcessor(video_processor=VideoChatFlashVideoProcessor(size=self.config.image_size),
-                                            tokenizer=tokenizer)
+        processor = VideoChatFlashProcessor(VideoChatFlashImageProcessor(size=self.config.image_size, **images),
+                                            VideoChatFlashVideoProcessor(size=self.config.image_size), tokenizer)
         for kind in ("video", "image"):
             expected, got = getattr(self.config, f"{kind}_token_id"), getattr(processor, f"{kind}_token_id")
             if expected is not None and got != expected:
                 raise ValueError(f"the tokenizer gives the {kind} placeholder {getattr(processor, f'{kind}_token')!r} "
                                  f"the id {got}, but the model expects config.{kind}_token_id={expected}: use the "
                                  "tokenizer of this checkpoint")
-        self._chat_processor_cache = (tokenizer, processor)
+        self._chat_processor_cache = (key, processor)
         return processor
 
     def _chat_video_tokens(self, video, processor, max_num_frames, backend, progress):

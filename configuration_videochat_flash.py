@@ -5,15 +5,22 @@ layers read them directly) beside the original ``mm_*`` / ``llm_*`` fields, so a
 unchanged; unknown fields are kept.
 """
 
+import json
 from dataclasses import fields
 
 from transformers import Qwen2Config
 from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-# Published vision towers: name -> (image size). Both are UMT ViT-L/16 with tubelet 1.
-VISION_TOWER_IMAGE_SIZE = {"umt-large": 224, "umt-hd-large": 448}
+# Published vision towers: name -> the real dims a published config.json leaves out (`vision_config` overrides them).
+# The two UMT towers are ViT-L/16 with tubelet 1; InternVideo2-1B is a ViT-g/14 (vision_tower/internvideo2.py).
 VIT_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 16}
+VISION_TOWERS = {
+    "umt-large": {**VIT_LARGE, "image_size": 224},
+    "umt-hd-large": {**VIT_LARGE, "image_size": 448},
+    "internvideo2": {"hidden_size": 1408, "num_hidden_layers": 40, "num_attention_heads": 16, "patch_size": 14,
+                     "image_size": 224},
+}
 
 # Placeholder ids of the published tokenizers, none of which needs the embeddings resized. Qwen2 (151646
 # tokens for 152064 rows) gets <|video_pad|> and <|image_pad|> appended; Qwen2.5 (151665 tokens for 151936
@@ -33,9 +40,10 @@ LLM_COMPRESS_TYPES = ("attention", "uniform", "uniform0_attention", "uniform1_at
 
 
 class VideoChatFlashConfig(Qwen2Config):
-    r"""The Qwen2 fields plus the original multimodal ones. ``mm_vision_tower``: ``"umt-large"`` (224 px) or
-    ``"umt-hd-large"`` (448 px), whose ViT-L dims ``vision_config`` (``hidden_size``, nominal ``num_hidden_layers``,
-    ``num_attention_heads``, ``patch_size``, ``image_size``) can override; ``mm_vision_select_layer`` picks the block
+    r"""The Qwen2 fields plus the original multimodal ones. ``mm_vision_tower``: ``"umt-large"`` (UMT ViT-L, 224 px),
+    ``"umt-hd-large"`` (448 px) or ``"internvideo2"`` (InternVideo2-1B, 224 px), whose dims ``vision_config``
+    (``hidden_size``, nominal ``num_hidden_layers``, ``num_attention_heads``, ``patch_size``, ``image_size``) can
+    override; ``mm_vision_select_layer`` picks the block
     whose output is used (-2: the second to last). ``mm_local_num_frames`` frames make a clip, encoded as one sequence
     and merged to ``tokens_per_frame`` tokens per frame. ``mm_llm_compress`` drops visual tokens inside the LLM (see
     `validate_token_dropping`). Placeholder ids default from the published vocabularies. Raises ValueError for a
@@ -57,17 +65,16 @@ class VideoChatFlashConfig(Qwen2Config):
         tokens_per_frame=16,
         **kwargs,
     ):
-        if mm_vision_tower not in VISION_TOWER_IMAGE_SIZE and not vision_config:
-            raise ValueError(f"unknown mm_vision_tower {mm_vision_tower!r}: expected one of "
-                             f"{sorted(VISION_TOWER_IMAGE_SIZE)} or explicit vision_config dims")
+        if mm_vision_tower not in VISION_TOWERS:
+            raise ValueError(f"unknown mm_vision_tower {mm_vision_tower!r}: the supported towers are "
+                             f"{sorted(VISION_TOWERS)} (vision_config only changes their dims)")
         if mm_projector_type != "tome16_mlp_hd64":
             raise ValueError(f"unsupported mm_projector_type {mm_projector_type!r}: only 'tome16_mlp_hd64' exists")
         if mm_newline_position not in ("nothing", None):
             raise ValueError(f"mm_newline_position={mm_newline_position!r} is not supported: "
                              "the published checkpoints use 'nothing'")
         kwargs.pop("model_type", None)  # an original config.json names its own model_type; ours is the class's
-        self.vision_config = {**VIT_LARGE, "image_size": VISION_TOWER_IMAGE_SIZE.get(mm_vision_tower, 224),
-                              **(vision_config or {})}
+        self.vision_config = {**VISION_TOWERS[mm_vision_tower], **(vision_config or {})}
         tower_width = self.vision_config["hidden_size"]
         self.mm_vision_tower = mm_vision_tower
         self.mm_hidden_size = mm_hidden_size if mm_hidden_size is not None else tower_width
@@ -96,6 +103,17 @@ class VideoChatFlashConfig(Qwen2Config):
     def image_size(self) -> int:
         return self.vision_config["image_size"]
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reading of ``config.json``; a published config names no placeholder ids, so they come from
+        the folder's tokenizer as the processor assigns them (Qwen2.5's own ``<|video_pad|>`` / ``<|image_pad|>``,
+        else appended after the vocabulary), never from the vocabulary size alone: Qwen2.5-7B has Qwen2-7B's."""
+        config_dict, unused = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("video_token_id") is None or config_dict.get("image_token_id") is None:
+            config_dict = {**placeholder_ids_of_tokenizer(pretrained_model_name_or_path, **kwargs), **{
+                key: value for key, value in config_dict.items() if value is not None}}
+        return config_dict, unused
+
     def validate_token_dropping(self, cache=None, cache_implementation=None) -> None:
         """Raise ValueError unless ``llm_compress_type``, ``llm_compress_layer_list`` (drop stages open after these
         layers) and ``llm_image_token_ratio_list`` (visual tokens alive per stage, one more entry) can work with this
@@ -120,6 +138,30 @@ class VideoChatFlashConfig(Qwen2Config):
             raise ValueError(f"in-LLM visual token dropping (config.mm_llm_compress) shortens the caches of the layers "
                              f"after each drop, which a cache of fixed length ({name}) cannot hold: use the default "
                              "dynamic cache, or disable config.mm_llm_compress to use a static one")
+
+
+def placeholder_ids_of_tokenizer(pretrained_model_name_or_path, **kwargs) -> dict[str, int]:
+    """``{"video_token_id", "image_token_id"}`` the processor gives ``<|video_pad|>`` / ``<|image_pad|>`` with the
+    ``tokenizer.json`` beside a config (their ids, or the next free ids in that order); ``{}`` without one."""
+    from transformers.utils import cached_file
+
+    options = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+               if key in kwargs}
+    path = cached_file(pretrained_model_name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False, **options)
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        tokenizer = json.load(handle)
+    vocab = (tokenizer.get("model") or {}).get("vocab")
+    ids = {**(vocab if isinstance(vocab, dict) else {}),
+           **{token["content"]: token["id"] for token in tokenizer.get("added_tokens", [])}}
+    next_id = max(ids.values(), default=-1) + 1
+    found = {}
+    for name, token in (("video_token_id", "<|video_pad|>"), ("image_token_id", "<|image_pad|>")):
+        found[name] = ids.get(token, next_id)
+        next_id += token not in ids
+    return found
 
 
 class VideoChatFlashQwenConfig(VideoChatFlashConfig):

@@ -38,6 +38,7 @@ CODE_FILES = {
     "streaming_videochat_flash.py": "streaming_videochat_flash.py",
     "vision_tower/umt.py": "vision_tower_umt.py",
     "vision_tower/token_merging.py": "vision_tower_token_merging.py",
+    "vision_tower/internvideo2.py": "vision_tower_internvideo2.py",
     "processing_videochat_flash.py": "processing_videochat_flash.py",
     "video_loading.py": "video_loading.py",
     "frame_sampling.py": "frame_sampling.py",
@@ -45,9 +46,12 @@ CODE_FILES = {
 }
 
 DEFAULT_MODEL_ID = "OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448"
-MODEL_CLASS = "modeling_videochat_flash.VideoChatFlashForCausalLM"
+# The published checkpoints' model_type and class names (aliases of ours), so that tools which key on them (e.g.
+# optimum-intel's OpenVINO export) recognise our folders too.
+MODEL_TYPE, ARCHITECTURE = "videochat_flash_qwen", "VideoChatFlashQwenForCausalLM"
+MODEL_CLASS = f"modeling_videochat_flash.{ARCHITECTURE}"
 AUTO_MAP = {
-    "AutoConfig": "configuration_videochat_flash.VideoChatFlashConfig",
+    "AutoConfig": "configuration_videochat_flash.VideoChatFlashQwenConfig",
     "AutoModel": MODEL_CLASS,
     "AutoModelForCausalLM": MODEL_CLASS,
     "AutoModelForImageTextToText": MODEL_CLASS,
@@ -229,7 +233,7 @@ def make_hub_loadable(folder, processor, generation_overrides: dict | None = Non
     copy_code_files(folder)  # after the processor, whose save copies (possibly other) module files
     _update_json(folder / "config.json", auto_map=dict(AUTO_MAP),
                  custom_pipelines=json.loads(json.dumps(CUSTOM_PIPELINES)),
-                 architectures=["VideoChatFlashForCausalLM"], model_type="videochat_flash", use_cache=True,
+                 architectures=[ARCHITECTURE], model_type=MODEL_TYPE, use_cache=True,
                  video_token_id=ids["video_token_id"], image_token_id=ids["image_token_id"])
     base = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
     write_generation_config(folder, processor, base, **(generation_overrides or {}))
@@ -303,7 +307,8 @@ def is_original_checkpoint(folder) -> bool:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return config.get("model_type") != "videochat_flash" or "chat_videochat_flash.py" not in os.listdir(folder)
+    # The published folders share our model_type and auto_map (we keep theirs): our code and pipeline tell them apart.
+    return "custom_pipelines" not in config or "chat_videochat_flash.py" not in os.listdir(folder)
 
 
 def _load_original_tokenizer(source: Path):
@@ -337,12 +342,12 @@ def convert_original_checkpoint(source, destination, *, base_model: str | None =
 
     The weights keep their names and bytes: the ``*.safetensors`` files (and index) are copied unchanged, or
     symlinked with `link_weights` (used for on-the-fly conversion into a cache). ``config.json`` keeps every original
-    field and gains this package's ``model_type``, ``architectures``, ``auto_map``, ``custom_pipelines`` and the
-    placeholder ids of the tokenizer (after adding ``<|video_pad|>``/``<|image_pad|>`` when missing; they must fall
+    field, the original ``model_type`` and ``architectures`` (our classes under the original names), and gains this
+    package's ``auto_map``, ``custom_pipelines`` and the placeholder ids of the tokenizer (after adding ``<|video_pad|>``/``<|image_pad|>`` when missing; they must fall
     inside the embedding table). The tokenizer, processor, chat template, generation config, code and model card
     are written beside them.
     """
-    from .configuration_videochat_flash import VideoChatFlashConfig
+    from .configuration_videochat_flash import VideoChatFlashQwenConfig
     from .processing_videochat_flash import (
         VideoChatFlashImageProcessor,
         VideoChatFlashProcessor,
@@ -356,7 +361,7 @@ def convert_original_checkpoint(source, destination, *, base_model: str | None =
     original = json.loads((source / "config.json").read_text())
     for key in ("auto_map", "architectures", "model_type", "custom_pipelines", "transformers_version"):
         original.pop(key, None)
-    config = VideoChatFlashConfig.from_dict(original)
+    config = VideoChatFlashQwenConfig.from_dict(original)
 
     tokenizer = _load_original_tokenizer(source)
     images = {key: original[key] for key in ("image_aspect_ratio", "image_grid_pinpoints") if key in original}
@@ -374,7 +379,7 @@ def convert_original_checkpoint(source, destination, *, base_model: str | None =
             os.symlink(path.resolve(), target)
         else:
             shutil.copyfile(path, target)
-    config.architectures = ["VideoChatFlashForCausalLM"]
+    config.architectures = [ARCHITECTURE]
     config.save_pretrained(destination)
 
     if (source / "generation_config.json").is_file():

@@ -23,6 +23,7 @@ from .configuration_videochat_flash import CACHE_KWARG, VideoChatFlashConfig, Vi
 from .pipeline_videochat_flash import VideoTextToTextPipeline  # noqa: F401 - imported so that saving copies the file
 from .token_dropping import decoding_stage, drop_stage, labels_at_kept_positions, prepare_dropping, record_stage
 from .vision_tower.token_merging import ToMeProjector
+from .vision_tower.internvideo2 import InternVideo2ViT, InternVideo2VisionTower, LayerScale
 from .vision_tower.umt import UMTVisionTower
 
 # On a CPU a vision-tower call runs fastest while its widest activation (the MLP's hidden layer) stays about the size
@@ -103,7 +104,7 @@ class VideoChatFlashPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2DecoderLayer", "UMTVisionTower"]
+    _no_split_modules = ["Qwen2DecoderLayer", "UMTVisionTower", "InternVideo2VisionTower"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -127,6 +128,11 @@ class VideoChatFlashPreTrainedModel(PreTrainedModel):
         for bias in (getattr(module, name, None) for name in ("q_bias", "v_bias")):
             if isinstance(bias, nn.Parameter):
                 nn.init.zeros_(bias)
+        if isinstance(module, InternVideo2ViT):  # learned tables and CLS token, as the original's random init
+            for table in (module.cls_token, module.pos_embed, module.img_pos_embed):
+                nn.init.trunc_normal_(table, std=0.02)
+        if isinstance(module, LayerScale):
+            nn.init.constant_(module.weight, 1e-5)
 
 
 class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
@@ -146,7 +152,8 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
         vision = config.vision_config
-        self.vision_tower = UMTVisionTower(
+        tower = InternVideo2VisionTower if config.mm_vision_tower == "internvideo2" else UMTVisionTower
+        self.vision_tower = tower(
             **{k: vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")},
             image_size=vision["image_size"], num_frames=config.mm_local_num_frames,
             select_layer=config.mm_vision_select_layer)
@@ -251,13 +258,15 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
 
     def get_image_features(self, pixel_values, image_grids=None, return_dict=False, **kwargs):
         """Image tiles `(tiles, 3, S, S)` (or one `(3, S, S)`) and `image_grids` `(images, 2)`: each image's base tile,
-        then its `rows x cols` grid of tiles row-major (``(0, 0)``: the base alone; None: every tile is an image) ->
+        then its `rows x cols` grid of tiles row-major (``(0, 0)``: the base alone, as a padded image) ->
         a tuple of one `(64 * (1 + rows * cols), hidden_size)` tensor per image (the ``pooler_output`` of a
         `BaseModelOutputWithPooling` when `return_dict`): the base's 64 tokens, then the tiles' as one
         `(rows * 8, cols * 8)` raster (the original's ``spatial_nopad``)."""
         pixel_values = pixel_values[None] if pixel_values.dim() == 3 else pixel_values
-        grids = torch.zeros(len(pixel_values), 2, dtype=torch.long) if image_grids is None else torch.as_tensor(
-            image_grids).reshape(-1, 2).cpu()
+        if image_grids is None:  # a silent default would read an image's tiles as images of their own
+            raise ValueError("pixel_values need their image_grids (the processor returns both; (0, 0) for an image of "
+                             "one tile)")
+        grids = torch.as_tensor(image_grids).reshape(-1, 2).long().cpu()
         counts = (1 + grids.prod(-1)).tolist()
         if sum(counts) != len(pixel_values):
             raise ValueError(f"image_grids={grids.tolist()} make {sum(counts)} tiles, pixel_values has {len(pixel_values)}")
@@ -317,6 +326,17 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
                 raise ValueError(f"input_ids hold {int(mask.sum())} {kind} placeholder tokens but no {kind} input was "
                                  "given (an assistant_model of generate gets none: use prompt_lookup_num_tokens)")
         return inputs_embeds
+
+    def set_rope_scaling(self, rope_scaling: dict | None) -> None:
+        """Switch the LLM's rotary position scaling of a loaded model, as ``from_pretrained(..., rope_scaling=...)``
+        would when loading: any type transformers' Qwen2 takes, e.g. the original's needle-in-a-haystack setting
+        ``{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}``; None: plain RoPE."""
+        theta = self.config.rope_parameters.get("rope_theta", self.config.default_theta)
+        self.config.rope_parameters = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": theta}
+        self.config.standardize_rope_params()
+        self.config.validate_rope()
+        device = self.rotary_emb.inv_freq.device
+        self.rotary_emb = Qwen2RotaryEmbedding(config=self.config).to(device)
 
     def visual_token_mask(self, input_ids):
         """`(batch, seq)` bool: which positions hold visual tokens (None without input_ids)."""
@@ -438,6 +458,7 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
         self.post_init()
 
     get_video_features = property(lambda self: self.model.get_video_features)  # the base model's, bound
+    set_rope_scaling = property(lambda self: self.model.set_rope_scaling)
     get_image_features = property(lambda self: self.model.get_image_features)
 
     def _prepare_generation_config(self, generation_config, **kwargs):

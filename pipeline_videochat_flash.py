@@ -34,8 +34,11 @@ def _is_chat(value: Any) -> bool:
 def _question(video: Any, text: Any) -> _Conversation:
     if not isinstance(text, str) or video is None:
         raise ValueError(f"pass a video and a question (a string, got {type(text).__name__}), or chat messages")
-    block = {"type": "video", "path": os.fspath(video)} if isinstance(video, (str, os.PathLike)) else {
-        "type": "video", "video": video}  # decoded frames
+    from .video_loading import is_still_image
+
+    kind = "image" if is_still_image(video) else "video"
+    block = {"type": kind, "path": os.fspath(video)} if isinstance(video, (str, os.PathLike)) else {
+        "type": kind, kind: video}  # decoded frames, or an image
     return _Conversation([{"role": "user", "content": [block, {"type": "text", "text": text}]}], text)
 
 
@@ -72,10 +75,11 @@ class VideoTextToTextPipeline(Pipeline):
     def _sanitize_parameters(self, max_new_tokens=None, generate_kwargs=None, return_full_text=None,
                              skip_special_tokens=None, processor_kwargs=None, stop_sequence=None, **kwargs):
         processor_kwargs = dict(processor_kwargs or {})
-        # what the video processor takes (frame sampling: max_num_frames, num_frames, fps, video_backend, ...)
-        video_kwargs = getattr(getattr(self.processor, "video_processor", None), "valid_kwargs", None)
-        processor_kwargs.update({key: kwargs.pop(key) for key in getattr(video_kwargs, "__annotations__", {})
-                                 if key in kwargs})
+        # what the video and image processors take (max_num_frames, num_frames, fps, video_backend, max_image_tiles, ...)
+        for name in ("video_processor", "image_processor"):
+            valid = getattr(getattr(self.processor, name, None), "valid_kwargs", None)
+            processor_kwargs.update({key: kwargs.pop(key) for key in getattr(valid, "__annotations__", {})
+                                     if key in kwargs})
         generation_keys = {key for key in vars(GenerationConfig()) if not key.startswith("_")}
         generation_keys |= {"streamer", "generation_config", "logits_processor", "stopping_criteria"}
         generate_kwargs = {**{key: kwargs.pop(key) for key in list(kwargs) if key in generation_keys},

@@ -9,6 +9,7 @@ tokens per tile of the image. Batches are padded on the left (ready for ``genera
 """
 
 
+import ast
 import dataclasses
 import re
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from tokenizers import AddedToken
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor, select_best_resolution
 from transformers.image_utils import make_flat_list_of_images, make_nested_list_of_images
-from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, VideosKwargs
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, VideosKwargs
 from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import make_batched_videos
@@ -48,7 +49,8 @@ CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{- content -}}{%- else -%}{%- for block in content -%}"
     "{%- if block['type'] == 'video' -%}{{- '<|video_pad|>' -}}"
-    "{%- elif block['type'] == 'image' -%}{{- '<|image_pad|>\\n' -}}"
+    "{%- elif block['type'] == 'image' -%}{{- '<|image_pad|>' -}}{%- if block.get('newline', true) -%}{{- '\\n' -}}"
+    "{%- endif -%}"
     "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
@@ -74,13 +76,18 @@ def media_blocks(text: str, kinds: Sequence[str]) -> list[dict]:
     """Content blocks of a turn written the original's way, with one ``<image>`` marker per video/image:
     ``"<image>\\nWhat?"`` with kinds ``["video"]`` -> ``[{"type": "video"}, {"type": "text", "text": "\\nWhat?"}]``.
     The one converter of chat() histories and LLaVA-style training records into chat-template messages. The template
-    renders an image as its placeholder and "\\n", so the newline written after an image marker is that one."""
+    renders an image as its placeholder and "\\n" (the original's ``<image>\\n``), so the newline written after an
+    image marker is that one; a marker without one gets ``"newline": False``."""
     pieces = text.split(MEDIA_MARKER)
     if len(pieces) - 1 != len(kinds):
         raise ValueError(f"{text[:80]!r} has {len(pieces) - 1} {MEDIA_MARKER} markers for {len(kinds)} videos/images")
     blocks = [{"type": "text", "text": pieces[0]}]
     for kind, piece in zip(kinds, pieces[1:]):
-        blocks += [{"type": kind}, {"type": "text", "text": piece.removeprefix("\n") if kind == "image" else piece}]
+        if kind == "image":
+            blocks += [{"type": "image"} if piece.startswith("\n") else {"type": "image", "newline": False},
+                       {"type": "text", "text": piece.removeprefix("\n")}]
+        else:
+            blocks += [{"type": kind}, {"type": "text", "text": piece}]
     return [block for block in blocks if block["type"] != "text" or block["text"]]
 
 
@@ -103,15 +110,25 @@ def frames_to_pixels(frames, size: dict, do_resize: bool = True, do_rescale: boo
 
 def grid_pinpoints(pinpoints, side: int, max_tiles: int | None = None) -> list[tuple[int, int]]:
     """The `(height, width)` resolutions an image may be tiled at: the config's ``image_grid_pinpoints`` (``[width,
-    height]`` pairs in pixels, or the original's ``"(1x1),...,(6x6)"`` range in tiles of `side`; None: that range),
-    in their order (the first wins a tie), without those over `max_tiles` tiles."""
-    if pinpoints is None or isinstance(pinpoints, str):  # the original's parsing: every (i, j) between the ends
-        ends = re.findall(r"\((\d+)x(\d+)\)", pinpoints or "(1x1),(6x6)")
-        (w0, h0), (w1, h1) = [tuple(map(int, end)) for end in (ends[0], ends[-1])]
-        pinpoints = [(i * side, j * side) for i in range(w0, w1 + 1) for j in range(h0, h1 + 1)]
-    if any(w % side or h % side or w <= 0 or h <= 0 for w, h in pinpoints):
+    height]`` pairs in pixels, their Python-literal string, or the original's ``"(1x1),...,(6x6)"`` range in tiles of
+    `side`; None: that range), in their order (the first wins a tie), without those over `max_tiles` tiles (at least
+    the smallest stays). Raises ValueError for anything else."""
+    if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1):
+        raise ValueError(f"max_image_tiles must be a positive int or None, got {max_tiles!r}")
+    try:
+        if pinpoints is None or isinstance(pinpoints, str) and "x" in pinpoints:  # the original's range of tiles
+            ends = re.findall(r"\((\d+)x(\d+)\)", pinpoints or "(1x1),(6x6)")
+            (w0, h0), (w1, h1) = [tuple(map(int, end)) for end in (ends[0], ends[-1])]
+            pinpoints = [(i * side, j * side) for i in range(w0, w1 + 1) for j in range(h0, h1 + 1)]
+        pinpoints = [(int(w), int(h)) for w, h in (ast.literal_eval(pinpoints) if isinstance(pinpoints, str)
+                                                   else pinpoints)]
+    except (ValueError, TypeError, IndexError, SyntaxError):
+        raise ValueError(f"image_grid_pinpoints: {pinpoints!r} is not a list of [width, height] or a "
+                         "'(1x1),...,(6x6)' range") from None
+    if not pinpoints or any(w % side or h % side or w <= 0 or h <= 0 for w, h in pinpoints):
         raise ValueError(f"image_grid_pinpoints must be multiples of the {side} px tile side, got {pinpoints}")
-    return [(h, w) for w, h in pinpoints if max_tiles is None or (w // side) * (h // side) <= max_tiles]
+    kept = [(h, w) for w, h in pinpoints if max_tiles is None or (w // side) * (h // side) <= max_tiles]
+    return kept or [min(((h, w) for w, h in pinpoints), key=lambda hw: hw[0] * hw[1])]
 
 
 def image_tiles(image: np.ndarray, side: int, resolutions) -> tuple[np.ndarray, tuple[int, int]]:
@@ -134,6 +151,14 @@ def pad_to_square(image: np.ndarray, fill) -> np.ndarray:
     return canvas
 
 
+class VideoChatFlashImagesKwargs(ImagesKwargs, total=False):
+    """Image keyword arguments beyond transformers' own (see :class:`VideoChatFlashImageProcessor`)."""
+
+    image_aspect_ratio: str
+    image_grid_pinpoints: Any
+    max_image_tiles: int | None
+
+
 class VideoChatFlashImageProcessor(BaseImageProcessor):
     r"""Still images -> `pixel_values` `(tiles, 3, S, S)` + `image_grids` `(images, 2)`, as the published model was
     trained: the only image of a sample in tiles (``anyres_nopad``: a base image then `rows x cols` tiles, 64 tokens
@@ -150,6 +175,7 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
     """
 
     _auto_class = "AutoImageProcessor"  # save_pretrained writes auto_map and copies this file (remote code)
+    valid_kwargs = VideoChatFlashImagesKwargs
     model_input_names = ["pixel_values", "image_grids"]
     PIXEL_OPTIONS = ("size", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
     TILE_OPTIONS = ("image_aspect_ratio", "image_grid_pinpoints", "max_image_tiles")
@@ -168,6 +194,7 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
         self.image_mean, self.image_std = [float(m) for m in image_mean], [float(s) for s in image_std]
         self.image_aspect_ratio, self.image_grid_pinpoints = image_aspect_ratio, image_grid_pinpoints
         self.max_image_tiles = max_image_tiles
+        self._tiling({name: getattr(self, name) for name in ("size", *self.TILE_OPTIONS)})  # bad settings fail here
 
     def _options(self, names: Sequence[str], overrides: dict) -> dict[str, Any]:
         """Settings `names` with one call's `overrides` (None keeps a setting; for num_frames / fps it means off)."""
@@ -189,15 +216,12 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
         """Images (PIL, arrays, tensors, paths or URLs), one sample or a batch of samples (nested lists) ->
         ``pixel_values`` `(tiles, 3, S, S)` (each image's tiles in turn) and ``image_grids`` `(images, 2)`."""
         options = self._options(self.PIXEL_OPTIONS + self.TILE_OPTIONS, kwargs)
-        mode, side, pixel_options = options["image_aspect_ratio"], options["size"]["height"], {
-            name: options[name] for name in self.PIXEL_OPTIONS}
-        if mode not in ("anyres_nopad", "pad") or side != options["size"]["width"]:
-            raise ValueError(f"image_aspect_ratio={mode!r}, size={options['size']}: images are 'anyres_nopad' or "
-                             "'pad' on square tiles")
-        resolutions = grid_pinpoints(options["image_grid_pinpoints"], side, options["max_image_tiles"]) or [
-            (side, side)]  # a cap under one tile leaves the smallest grid
+        mode, side, resolutions = self._tiling(options)
+        pixel_options = {name: options[name] for name in self.PIXEL_OPTIONS}
         fill = tuple(int(m * 255) for m in options["image_mean"])
         pixels, grids = [], []
+        if isinstance(images, (list, tuple)) and not images:
+            raise ValueError("no images were given")
         for sample in make_nested_list_of_images(self.fetch_images(images)):
             for image in sample:
                 image = rgb_frame(image)
@@ -207,6 +231,15 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
                 grids.append(grid)
         data = {"pixel_values": np.concatenate(pixels), "image_grids": np.array(grids, np.int64).reshape(-1, 2)}
         return BatchFeature(data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _tiling(options: dict) -> tuple[str, int, list[tuple[int, int]]]:
+        """`(image_aspect_ratio, tile side, tile resolutions)` of these settings; ValueError for bad ones."""
+        mode, side = options["image_aspect_ratio"], options["size"]["height"]
+        if mode not in ("anyres_nopad", "pad") or side != options["size"]["width"]:
+            raise ValueError(f"image_aspect_ratio={mode!r}, size={options['size']}: images are 'anyres_nopad' or "
+                             "'pad', on square tiles")
+        return mode, side, grid_pinpoints(options["image_grid_pinpoints"], side, options["max_image_tiles"])
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
@@ -323,6 +356,7 @@ def _frame_rate(video, metadata) -> float | None:
 
 
 class VideoChatFlashProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: VideoChatFlashImagesKwargs
     videos_kwargs: VideoChatFlashVideosKwargs
 
 

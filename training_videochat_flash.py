@@ -28,7 +28,6 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .configuration_videochat_flash import VISION_TOWER_IMAGE_SIZE
 from .data_videochat_flash import VideoChatFlashDataCollator, VideoChatFlashTrainingDataset, check_records, load_records
 from .frame_sampling import CLIP_FRAMES, FrameSampling
 from .hub_export import make_hub_loadable, resolve_model
@@ -258,8 +257,9 @@ def load_model_and_processor(args: ModelArguments):
             setattr(config, key, value)
         if args.image_size:
             config.vision_config = dict(config.vision_config, image_size=args.image_size)
-            towers = {size: name for name, size in VISION_TOWER_IMAGE_SIZE.items()}
-            config.mm_vision_tower = towers.get(args.image_size, config.mm_vision_tower)
+            if config.mm_vision_tower.startswith("umt"):  # the UMT tower's name says its frame size
+                config.mm_vision_tower = {224: "umt-large", 448: "umt-hd-large"}.get(args.image_size,
+                                                                                  config.mm_vision_tower)
         kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
         model = VideoChatFlashForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
         processor = VideoChatFlashProcessor.from_pretrained(folder)

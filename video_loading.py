@@ -31,7 +31,7 @@ try:  # decord 0.6.0: optional. Never decord2, which returns wrong frames after 
 except ImportError:  # pragma: no cover - exercised only without decord
     decord = None
 
-__all__ = ["IMAGE_EXTENSIONS", "VideoLoadMetadata", "VideoReadError", "available_backends", "iter_video_chunks",
+__all__ = ["IMAGE_EXTENSIONS", "VideoLoadMetadata", "is_still_image", "VideoReadError", "available_backends", "iter_video_chunks",
            "load_video", "parse_size", "resize_frame", "rgb_frame"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -86,6 +86,14 @@ class VideoLoadMetadata:
 def _metadata(indices, fps, total, backend, width, height, path, extra) -> VideoLoadMetadata:
     return VideoLoadMetadata([int(i) for i in indices], fps, None if fps is None else total / fps, int(total), backend,
                              int(width), int(height), path, extra)
+
+
+def is_still_image(media) -> bool:
+    """A still image rather than a video: a PIL image, an image file (by its extension), or a 3-D array / tensor
+    (one (H, W, 3) or (3, H, W) frame)."""
+    if isinstance(media, (str, os.PathLike)):
+        return os.fspath(media).lower().endswith(IMAGE_EXTENSIONS)
+    return isinstance(media, Image.Image) or getattr(media, "ndim", None) == 3
 
 
 def available_backends() -> list[str]:

@@ -35,6 +35,12 @@ def test_cache_kwarg_is_the_name_transformers_uses():
 def test_settings_are_checked_with_clear_errors():
     with pytest.raises(ValueError, match="unknown mm_vision_tower"):
         VideoChatFlashConfig(mm_vision_tower="clip-large")
+    towers = r"the supported towers are \['internvideo2', 'umt-hd-large', 'umt-large'\]"
+    with pytest.raises(ValueError, match=towers):  # explicit dims do not make an unknown tower buildable
+        VideoChatFlashConfig(mm_vision_tower="something-else", vision_config={"hidden_size": 64, "patch_size": 14})
+    internvideo2 = VideoChatFlashConfig(mm_vision_tower="internvideo2")
+    assert internvideo2.vision_config == {"hidden_size": 1408, "num_hidden_layers": 40, "num_attention_heads": 16,
+                                          "patch_size": 14, "image_size": 224} and internvideo2.mm_hidden_size == 1408
     with pytest.raises(ValueError, match="mm_projector_type"):
         VideoChatFlashConfig(mm_projector_type="mlp2x_gelu")
     with pytest.raises(ValueError, match="mm_hidden_size"):

@@ -109,7 +109,8 @@ def test_export_folder_layout_and_metadata(exported):
     for reference in [*config["auto_map"].values(), config["custom_pipelines"]["video-text-to-text"]["impl"]]:
         module, name = reference.split(".")
         assert re.search(rf"^class {name}\b", (folder / f"{module}.py").read_text(), re.MULTILINE), reference
-    assert config["model_type"] == "videochat_flash" and config["architectures"] == ["VideoChatFlashForCausalLM"]
+    # the published checkpoints' model_type and architectures (our classes under their names), for tools keyed on them
+    assert config["model_type"] == "videochat_flash_qwen" and config["architectures"] == ["VideoChatFlashQwenForCausalLM"]
     assert (config["video_token_id"], config["image_token_id"]) == (259, 260)
 
     generation = json.loads((folder / "generation_config.json").read_text())
@@ -201,7 +202,9 @@ def test_convert_reproduces_golden_logits_with_unchanged_weights(original_folder
     config = json.loads((destination / "config.json").read_text())
     original = json.loads((source / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP and config["custom_pipelines"] == CUSTOM_PIPELINES
-    assert config["model_type"] == "videochat_flash" and (config["video_token_id"], config["image_token_id"]) == (
+    assert config["model_type"] == original["model_type"] == "videochat_flash_qwen"
+    assert config["architectures"] == original["architectures"] == ["VideoChatFlashQwenForCausalLM"]
+    assert (config["video_token_id"], config["image_token_id"]) == (
         259, 260)
     for key in ("mm_vision_tower", "mm_projector_type", "mm_local_num_frames", "hidden_size", "vocab_size"):
         assert config[key] == original[key]
@@ -262,9 +265,9 @@ def test_unknown_models_give_one_line_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the shipped code
 def test_hub_code_is_small_flat_and_acyclic(exported):
-    """The .py files of a Hub folder: at most 3,250 lines (3,000 when one path per concept was set up; image tiles
-    added ~100), no function over 80 lines, flat single-dot relative imports of sibling files only; and no import
-    cycle among this package's modules."""
+    """The .py files of a Hub folder: at most 3,400 lines (3,000 when one path per concept was set up; image tiles,
+    the InternVideo2 tower and placeholder ids from the tokenizer added ~370), no function over 80 lines, flat
+    single-dot relative imports of sibling files only; and no import cycle among this package's modules."""
     import ast
 
     files = sorted(exported["folder"].glob("*.py"))
@@ -279,7 +282,7 @@ def test_hub_code_is_small_flat_and_acyclic(exported):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1 and (exported["folder"] / f"{node.module}.py").is_file(), (path.name, node.module)
     print(f"\nHub code: {sum(lengths.values())} lines in {len(files)} files; longest function {max(longest)}")
-    assert sum(lengths.values()) <= 3250, lengths
+    assert sum(lengths.values()) <= 3400, lengths
     assert max(longest)[0] <= 80, sorted(longest)[-5:]
 
     graph = {}  # each module of the package (dotted, relative to the repo root) -> the package modules it imports

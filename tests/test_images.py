@@ -176,7 +176,8 @@ def test_image_tokens_are_the_base_then_the_tile_raster(tiny):
     (rows, cols), = pixels["image_grids"].tolist()
     with torch.no_grad():
         (tokens,) = model.get_image_features(**pixels)
-        each = model.get_image_features(pixels["pixel_values"])  # every tile alone: 64 tokens each
+        alone = torch.zeros(len(pixels["pixel_values"]), 2, dtype=torch.long)  # every tile as an image: 64 tokens
+        each = model.get_image_features(pixels["pixel_values"], alone)
     assert tokens.shape[0] == 64 * (1 + rows * cols) and len(each) == 1 + rows * cols
     assert torch.equal(tokens[:64], each[0])
     grid = tokens[64:].reshape(rows * 8, cols * 8, -1)
@@ -186,6 +187,8 @@ def test_image_tokens_are_the_base_then_the_tile_raster(tiny):
             torch.testing.assert_close(tile, each[1 + r * cols + c], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="make 5 tiles"):
         model.get_image_features(pixels["pixel_values"], torch.tensor([[2, 2]]))
+    with pytest.raises(ValueError, match="need their image_grids"):  # never a silent tiles-as-images default
+        model(torch.full((1, 256), TINY_SPECIAL_IDS["image_token_id"]), pixel_values=pixels["pixel_values"])
 
 
 def test_generate_with_an_image_block_by_path_or_pil_image(tiny, tmp_path):
@@ -239,3 +242,73 @@ def test_chat_with_an_image_path_or_pil_image_uses_the_tiles(tiny, tmp_path):
         ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert answer == processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
     assert isinstance(follow_up, str)
+
+
+def test_image_options_per_call_everywhere(tiny, tmp_path):
+    """max_image_tiles / image_aspect_ratio as keyword arguments of one call: the processor (flat or in
+    images_kwargs), apply_chat_template's processor_kwargs and the pipeline."""
+    from transformers import pipeline
+
+    from videochat_flash.hub_export import make_tiny_folder
+
+    _, processor = tiny
+    wide = np.random.default_rng(6).integers(0, 256, (40, 130, 3), dtype=np.uint8)
+    text = "<|image_pad|>\nWhat is it?"
+    assert processor(text=text, images=[wide])["image_grids"].tolist() == [[1, 2]]
+    assert processor(text=text, images=[wide], max_image_tiles=1)["image_grids"].tolist() == [[1, 1]]
+    assert processor(text=text, images=[wide], images_kwargs={"image_aspect_ratio": "pad"})[
+        "image_grids"].tolist() == [[0, 0]]
+    templated = processor.apply_chat_template(image_message(wide, "What is it?"), tokenize=True, return_dict=True,
+                                              processor_kwargs={"max_image_tiles": 1})
+    assert templated["image_grids"].tolist() == [[1, 1]]
+    pipe = pipeline("video-text-to-text", model=str(make_tiny_folder(tmp_path / "model")), trust_remote_code=True)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    capped = pipe(str(tmp_path / "wide.png"), "What is it?", max_new_tokens=3, max_image_tiles=1)  # an image path
+    chat = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "wide.png")},
+                                         {"type": "text", "text": "What is it?"}]}]
+    assert capped == [{**r, "input_text": "What is it?"} for r in pipe(chat, max_new_tokens=3, max_image_tiles=1)]
+    with pytest.raises(ValueError, match="max_image_tiles must be a positive int"):
+        VideoChatFlashImageProcessor(max_image_tiles=0)
+    with pytest.raises(ValueError, match="image_aspect_ratio='anyres'"):
+        VideoChatFlashImageProcessor(image_aspect_ratio="anyres")
+    with pytest.raises(ValueError, match="not a list of"):
+        VideoChatFlashImageProcessor(image_grid_pinpoints="tiles please")
+    literal = VideoChatFlashImageProcessor(size=128, image_grid_pinpoints="[[128, 128], [256, 128]]")  # as configs
+    assert literal(wide)["image_grids"].tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="no images"):
+        processor.image_processor([])
+
+
+def test_chat_reads_the_checkpoints_image_settings_and_takes_any_image_form(tiny, tmp_path):
+    from pathlib import Path
+
+    model, processor = tiny
+    image = np.random.default_rng(7).integers(0, 256, (40, 130, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "c.png")
+    settings = {"return_history": False, "generation_config": {"max_new_tokens": 3, "do_sample": False}}
+    answers = {model.chat(form, processor.tokenizer, "What is it?", **settings)
+               for form in (str(tmp_path / "c.png"), Path(tmp_path / "c.png"), image, Image.fromarray(image))}
+    assert len(answers) == 1  # a path, a Path, an (H, W, 3) array, a PIL image: the same image
+    model.config.image_aspect_ratio = "pad"  # an original config.json field, read by chat() as by the original
+    try:
+        assert model._chat_processor(processor.tokenizer).image_processor.image_aspect_ratio == "pad"
+    finally:
+        del model.config.image_aspect_ratio
+    assert model._chat_processor(processor.tokenizer).image_processor.image_aspect_ratio == "anyres_nopad"
+
+
+def test_training_markers_without_a_newline_stay_without_one(tiny, tmp_path):
+    """The original's preprocess_multimodal: "<image>\\n" keeps its newline; "<image>What" and several inline markers
+    get none (only a single marker not at the start moves first, with "\\n")."""
+    from videochat_flash.data_videochat_flash import record_messages
+
+    _, processor = tiny
+    cases = {"<image>What is it?": "<I>What is it?", "Compare <image> with <image>.": "Compare <I> with <I>.",
+             "What is <image> here?": "<I>\nWhat is  here?", "<image>\nWhat is it?": "<I>\nWhat is it?"}
+    for value, expected in cases.items():
+        images = ["a.png"] * value.count("<image>")
+        record = {"image": images if len(images) > 1 else images[0], "conversations": [
+            {"from": "human", "value": value}, {"from": "gpt", "value": "Fine."}]}
+        text = processor.apply_chat_template(record_messages(record))
+        user = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        assert user.replace("<|image_pad|>", "<I>") == expected, value

@@ -24,9 +24,9 @@ GOLDEN_VIDEO_TOKEN_ID = 259  # the id the processor gives its video placeholder 
 
 
 # ------------------------------------------------------------------------------------------------ goldens
-def golden_full_model():
-    sidecar = json.loads(golden_path("full_model_video8_nocompress.json").read_text())
-    tensors = load_file(golden_path("full_model_video8_nocompress.safetensors"))
+def golden_full_model(name="full_model_video8_nocompress"):
+    sidecar = json.loads(golden_path(f"{name}.json").read_text())
+    tensors = load_file(golden_path(f"{name}.safetensors"))
     dims = sidecar["vision_dims"]
     original = dict(sidecar["config"])
     config = VideoChatFlashConfig(
@@ -59,18 +59,25 @@ def golden_model():
     return golden_full_model()
 
 
-def test_golden_prefill_logits_and_greedy_ids(golden_model):
-    model, tensors = golden_model
+@pytest.fixture(scope="module", params=["full_model_video8_nocompress", "full_model_internvideo2_video8"])
+def any_golden_model(request):
+    """The UMT golden model and the InternVideo2 one (the fourth published checkpoint's tower, small dims)."""
+    return golden_full_model(request.param)
+
+
+def test_golden_prefill_logits_and_greedy_ids(any_golden_model):
+    model, tensors = any_golden_model
     pixels = tensors["input.pixel_values"]  # (8, 3, 224, 224)
     input_ids = expand_golden_ids(tensors["input.input_ids"], 16 * pixels.shape[0])
     with torch.no_grad():
-        features = model.get_video_features(pixels[None])
-        assert torch.allclose(features[0], tensors["aux.visual_features"].reshape(-1, 64), atol=2e-5)
+        if "aux.visual_features" in tensors:
+            features = model.get_video_features(pixels[None])
+            assert torch.allclose(features[0], tensors["aux.visual_features"].reshape(-1, 64), atol=2e-5)
         logits = model(input_ids, pixel_values_videos=pixels[None], use_cache=False).logits
     expected = tensors["output.prefill_logits"]
     assert logits.shape == expected.shape
     diff = (logits - expected).abs().max().item()
-    print(f"golden prefill logits max abs diff: {diff:.2e}")
+    print(f"\n{model.config.mm_vision_tower} golden prefill logits {tuple(logits.shape)} max abs diff: {diff:.2e}")
     assert diff < 1e-4
 
     with torch.no_grad():
@@ -99,20 +106,26 @@ def test_golden_eager_matches_sdpa(golden_model):
 
 
 # ------------------------------------------------------------------------------------------------ layouts
-# The UMT checkpoints; the InternVideo2-1B manifest beside them is issue 13 (its tower is not built yet).
-MANIFESTS = sorted(p.name for p in golden_path("README.md").parent.glob("keys_*.json") if "InternVideo2" not in p.name)
+MANIFESTS = sorted(p.name for p in golden_path("README.md").parent.glob("keys_*.json"))  # the published checkpoints
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS)
 def test_checkpoint_manifest_keys_and_shapes(manifest):
+    """The model of each manifest's config (its real dims: the InternVideo2-1B one has 855 keys), built on the meta
+    device, has exactly the checkpoint's keys and shapes."""
+    import time
+
     spec = json.loads(golden_path(manifest).read_text())
+    start = time.perf_counter()
     config = VideoChatFlashConfig(**spec["config_used"])
     with torch.device("meta"):
         model = VideoChatFlashForCausalLM(config)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    seconds = time.perf_counter() - start
     expected = {k: tuple(v["shape"]) for k, v in spec["keys"].items()}
+    print(f"\n{manifest}: {len(ours)} keys ({spec['num_keys']} in the manifest), built in {seconds:.2f} s")
     assert set(ours) == set(expected), (sorted(set(ours) - set(expected))[:5], sorted(set(expected) - set(ours))[:5])
-    assert ours == expected
+    assert ours == expected and len(ours) == spec["num_keys"] and seconds < 10
     if config.tie_word_embeddings:  # the 2B checkpoint ties lm_head to the embedding
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
@@ -226,7 +239,7 @@ def test_text_only_and_images(tiny):
         image_id = TINY_SPECIAL_IDS["image_token_id"]
         ids = torch.cat([torch.tensor([1, 2]), torch.full((64,), image_id), torch.tensor([3]),
                          torch.full((64,), image_id), torch.tensor([4])])
-        out = tiny(ids[None], pixel_values=torch.randn(2, 3, 128, 128))
+        out = tiny(ids[None], pixel_values=torch.randn(2, 3, 128, 128), image_grids=torch.zeros(2, 2, dtype=torch.long))
     assert torch.isfinite(out.logits).all() and out.logits.shape[1] == len(ids)
 
 
@@ -436,3 +449,57 @@ def test_batch_of_three_videos_equals_single_runs(tiny_folder_model, processor, 
         got = batched[row][: alone.shape[0]]
         assert torch.equal(got, alone), (row, got.tolist(), alone.tolist())
     print(f"\nbatch of 3 videos ({batch['input_ids'].shape[1]} tokens padded) = 3 single runs")
+
+
+# ------------------------------------------------------------------------------------------------ long context
+QWEN25_TEXT = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 1e6, "tie_word_embeddings": False}
+TINY_TOWER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32}
+ROPE_SCALINGS = {
+    "yarn": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},  # the original NIAH edit
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192},
+}
+
+
+@pytest.mark.parametrize("kind", [k for k, v in ROPE_SCALINGS.items() if v is not None])
+def test_rope_scaling_matches_transformers_qwen2_beyond_32k(kind):
+    """A text-only Qwen2.5-shaped model with `rope_scaling` (YaRN x 4 as the original's needle-in-a-haystack runs, and
+    transformers' other rope types) gives Qwen2ForCausalLM's logits with the same weights, at positions past 32,768."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dims = {**QWEN25_TEXT, "max_position_embeddings": 131072}
+    reference = Qwen2ForCausalLM(Qwen2Config(**dims, rope_scaling=dict(ROPE_SCALINGS[kind]))).eval()
+    ours = VideoChatFlashForCausalLM(VideoChatFlashConfig(**dims, rope_scaling=dict(ROPE_SCALINGS[kind]),
+                                                          mm_vision_tower="umt-large", vision_config=TINY_TOWER)).eval()
+    loaded = ours.load_state_dict(reference.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all(k.startswith(("model.vision_tower", "model.mm_projector"))
+                                              for k in loaded.missing_keys)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(40000, 40024)[None]
+    with torch.no_grad():
+        diff = (ours(ids, position_ids=positions).logits - reference(ids, position_ids=positions).logits).abs().max()
+    print(f"\n{kind} rope at positions 40,000+: max |ours - Qwen2ForCausalLM| = {diff:.2e}")
+    assert ours.model.rotary_emb.rope_type == reference.model.rotary_emb.rope_type and diff < 1e-5
+
+
+def test_set_rope_scaling_switches_yarn_on_a_loaded_model():
+    """model.set_rope_scaling(...) on a loaded model equals loading with rope_scaling, and None switches it off."""
+    yarn = ROPE_SCALINGS["yarn"]
+    base = VideoChatFlashForCausalLM(VideoChatFlashConfig(**QWEN25_TEXT, max_position_embeddings=32768,
+                                                          mm_vision_tower="umt-large", vision_config=TINY_TOWER)).eval()
+    loaded_with = VideoChatFlashForCausalLM(VideoChatFlashConfig(**QWEN25_TEXT, max_position_embeddings=32768,
+                                                                 rope_scaling=dict(yarn), mm_vision_tower="umt-large",
+                                                                 vision_config=TINY_TOWER)).eval()
+    loaded_with.load_state_dict(base.state_dict())
+    ids, positions = torch.randint(0, 256, (1, 8)), torch.arange(60000, 60008)[None]
+    with torch.no_grad():
+        plain = base(ids, position_ids=positions).logits
+        base.set_rope_scaling(dict(yarn))
+        switched = base(ids, position_ids=positions).logits
+        expected = loaded_with(ids, position_ids=positions).logits
+        assert base.config.rope_parameters["rope_type"] == "yarn" and torch.equal(switched, expected)
+        base.set_rope_scaling(None)
+        assert torch.equal(base(ids, position_ids=positions).logits, plain)

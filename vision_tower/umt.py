@@ -142,24 +142,32 @@ class UMTAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`(B, N, C)` -> `(B, N, C)`; flash-attn runs only where it can (fp16/bf16 on CUDA), else sdpa."""
+        """`(B, N, C)` -> `(B, N, C)`."""
         batch_size, seq_len, hidden_size = hidden_states.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = run_linear(self.qkv, hidden_states, extra_bias=qkv_bias)
-        qkv = qkv.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
-        use_flash = self.attn_implementation == "flash_attention_2" and flash_attn_func is not None
-        if use_flash and hidden_states.is_cuda and hidden_states.dtype in (torch.float16, torch.bfloat16):
-            query, key, value = qkv.unbind(2)  # (B, N, H, D) each: flash-attn's layout
-            attn_output = flash_attn_func(query, key, value, softmax_scale=self.scale, causal=False)
+        qkv = run_linear(self.qkv, hidden_states, extra_bias=qkv_bias).reshape(batch_size, seq_len, 3, hidden_size)
+        attn_output = multi_head_attention(*qkv.unbind(2), self.num_heads, self.scale, self.attn_implementation)
+        return run_linear(self.proj, attn_output)
+
+
+def multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int, scale: float,
+                         attn_implementation: str) -> torch.Tensor:
+    """Bidirectional attention of `(B, N, C)` queries, keys and values split into `num_heads` heads -> `(B, N, C)`:
+    "eager" (softmax of the scaled scores), "sdpa", or "flash_attention_2" where flash-attn can run (installed,
+    fp16/bf16 on CUDA; else sdpa). The vision towers' one attention dispatch."""
+    batch_size, seq_len, hidden_size = query.shape
+    query, key, value = (t.reshape(batch_size, seq_len, num_heads, hidden_size // num_heads) for t in (query, key, value))
+    use_flash = attn_implementation == "flash_attention_2" and flash_attn_func is not None
+    if use_flash and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        attn_output = flash_attn_func(query, key, value, softmax_scale=scale, causal=False)  # (B, N, H, D) layout
+    else:
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+        if attn_implementation == "eager":
+            attn_output = torch.softmax((query * scale) @ key.transpose(-2, -1), dim=-1) @ value
         else:
-            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) each
-            if self.attn_implementation == "eager":
-                weights = torch.softmax((query * self.scale) @ key.transpose(-2, -1), dim=-1)
-                attn_output = weights @ value
-            else:
-                attn_output = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
-            attn_output = attn_output.transpose(1, 2)  # (B, N, H, D)
-        return run_linear(self.proj, attn_output.reshape(batch_size, seq_len, hidden_size))
+            attn_output = F.scaled_dot_product_attention(query, key, value, scale=scale)
+        attn_output = attn_output.transpose(1, 2)
+    return attn_output.reshape(batch_size, seq_len, hidden_size)
 
 
 class UMTMLP(nn.Module):
@@ -256,18 +264,17 @@ class UMTVisionTransformer(nn.Module):
         return self.encoder(pixel_values)
 
 
-class UMTVisionTower(nn.Module):
-    """UMT ViT feature extractor of VideoChat-Flash (ViT-L: width 1024, 24 layers, 16 heads; 224 or 448 px frames).
+class VisionTower(nn.Module):
+    """What the model needs of a vision tower, shared by UMT and InternVideo2: only the blocks up to `select_layer`
+    (Python-style over the nominal `num_hidden_layers`: 24 layers with -2 build 23 blocks), the sizes the model plans
+    its calls with, and the attention switch ("sdpa", "eager", "flash_attention_2"). A tower builds its encoder (under
+    `.vision_tower`, the checkpoints' key layout) in `build_encoder` and names its attention module class. Raises
+    ValueError for a bad `select_layer`, `num_frames` or `attn_implementation`."""
 
-    `num_frames` is the clip length of the video position table (`mm_local_num_frames`). `select_layer` picks the
-    returned block Python-style over the nominal `num_hidden_layers`; only the blocks up to it are built (24 layers
-    with -2: 23 blocks, then `vision_layernorm`). `attn_implementation`: "sdpa", "eager" or "flash_attention_2".
-    Raises ValueError for a bad `select_layer`, `num_frames` or `attn_implementation`.
-    """
+    attention_class: type[nn.Module]
 
-    def __init__(self, hidden_size: int, num_hidden_layers: int, num_attention_heads: int, patch_size: int = 16,
-                 image_size: int = 224, num_frames: int = 4, select_layer: int = -2, mlp_ratio: float = 4.0,
-                 attn_implementation: str = "sdpa"):
+    def __init__(self, hidden_size: int, num_hidden_layers: int, num_attention_heads: int, patch_size: int,
+                 image_size: int, num_frames: int, select_layer: int, mlp_ratio: float, attn_implementation: str):
         super().__init__()
         num_blocks = num_hidden_layers + select_layer + 1
         if not (select_layer < 0 and num_blocks > 0):
@@ -279,24 +286,44 @@ class UMTVisionTower(nn.Module):
         self.hidden_size, self.num_blocks = hidden_size, num_blocks
         self.intermediate_size = int(hidden_size * mlp_ratio)
         self.num_patches_per_frame = (image_size // patch_size) ** 2
-        self.vision_tower = UMTVisionTransformer(
+        self.vision_tower = self.build_encoder(
             hidden_size=hidden_size, num_blocks=num_blocks, num_attention_heads=num_attention_heads,
             patch_size=patch_size, image_size=image_size, num_frames=num_frames, mlp_ratio=mlp_ratio,
             attn_implementation=attn_implementation)
+
+    def build_encoder(self, **encoder_kwargs) -> nn.Module:
+        raise NotImplementedError
 
     @staticmethod
     def _check_attn_implementation(attn_implementation: str):
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
         if attn_implementation == "flash_attention_2" and flash_attn_func is None:
-            logger.warning_once("flash_attn is not installed: the UMT vision tower falls back to sdpa attention")
+            logger.warning_once("flash_attn is not installed: the vision tower falls back to sdpa attention")
 
     def set_attn_implementation(self, attn_implementation: str):
         """Switch the attention kernel of every block (results agree to float rounding)."""
         self._check_attn_implementation(attn_implementation)
         for module in self.modules():
-            if isinstance(module, UMTAttention):
+            if isinstance(module, self.attention_class):
                 module.attn_implementation = attn_implementation
+
+
+class UMTVisionTower(VisionTower):
+    """UMT ViT feature extractor of VideoChat-Flash (ViT-L: width 1024, 24 layers, 16 heads; 224 or 448 px frames):
+    the built blocks, then `vision_layernorm`. `num_frames` is the clip length of the video position table
+    (`mm_local_num_frames`); see :class:`VisionTower` for the rest."""
+
+    attention_class = UMTAttention
+
+    def __init__(self, hidden_size: int, num_hidden_layers: int, num_attention_heads: int, patch_size: int = 16,
+                 image_size: int = 224, num_frames: int = 4, select_layer: int = -2, mlp_ratio: float = 4.0,
+                 attn_implementation: str = "sdpa"):
+        super().__init__(hidden_size, num_hidden_layers, num_attention_heads, patch_size, image_size, num_frames,
+                         select_layer, mlp_ratio, attn_implementation)
+
+    def build_encoder(self, **encoder_kwargs) -> nn.Module:
+        return UMTVisionTransformer(**encoder_kwargs)
 
     def position_table(self, kind: str, device=None, dtype=torch.float32) -> torch.Tensor:
         """The fixed `(1, N, C)` position table added for `kind="video"` or `kind="image"` inputs."""
