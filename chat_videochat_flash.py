@@ -29,7 +29,8 @@ __all__ = ["VideoChatFlashChatMixin", "normalize_role"]
 
 ORIGINAL_ROLE_PREFIX = "<|im_start|>"
 SAMPLING_ONLY_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
-READ_TYPES = {"decord": "decord", "pyav": "pyav", "av": "pyav", None: None}  # media_dict["video_read_type"]
+# media_dict["video_read_type"] -> backend. GIFs ("gif") and frame folders ("img", "frame") are known by their path.
+READ_TYPES = {"decord": "decord", "pyav": "pyav", "av": "pyav", "gif": None, "img": None, "frame": None, None: None}
 
 
 def normalize_role(role: str) -> str:
@@ -37,12 +38,13 @@ def normalize_role(role: str) -> str:
     return role.removeprefix(ORIGINAL_ROLE_PREFIX)
 
 
-def _video_backend(media_dict: dict | None) -> str | None:
+def _media_options(media_dict: dict | None) -> tuple[str | None, tuple]:
+    """``(backend, (start, end))`` of the original's ``media_dict``."""
     media_dict = dict(media_dict or {})
-    if set(media_dict) - {"video_read_type"} or media_dict.get("video_read_type") not in READ_TYPES:
-        raise ValueError(f"media_dict={media_dict}: only {{'video_read_type': 'decord' | 'pyav'}} is accepted (clip "
-                         "segments with start/end are not implemented)")
-    return READ_TYPES[media_dict.get("video_read_type")]
+    if set(media_dict) - {"video_read_type", "start", "end"} or media_dict.get("video_read_type") not in READ_TYPES:
+        raise ValueError(f"media_dict={media_dict}: the keys are 'start' / 'end' (seconds) and 'video_read_type' "
+                         f"(one of {[k for k in READ_TYPES if k]})")
+    return READ_TYPES[media_dict.get("video_read_type")], (media_dict.get("start"), media_dict.get("end"))
 
 
 class VideoChatFlashChatMixin:
@@ -57,16 +59,17 @@ class VideoChatFlashChatMixin:
              progress: bool = False):
         """Answer `user_prompt` about the video at `video_path` (the original VideoChat-Flash ``chat()``).
 
-        `video_path` is a file or decoded frames (the processor's rule for them; not cached); `chat_history` the turns
-        a previous call returned (extended in place, as the original does; ``None`` starts a conversation);
-        `max_num_frames` caps the frame sampling; `media_dict` takes the original's ``{"video_read_type": "decord" |
-        "pyav"}``; `generation_config` holds ``generate`` arguments; `processor` defaults to one built from
+        `video_path` is a file, a GIF, a folder of frames, decoded frames (the processor's rule for them; not cached)
+        or an image; `chat_history` the turns a previous call returned (extended in place, as the original does;
+        ``None`` starts a conversation); `max_num_frames` caps the frame sampling; `media_dict` takes the original's
+        ``{"start": s, "end": e}`` (a segment, in seconds) and ``{"video_read_type": "decord" | "pyav" | "gif" |
+        "img"}``; `generation_config` holds ``generate`` arguments; `processor` defaults to one built from
         `tokenizer`; `progress` shows a bar while the video is encoded. Returns the stripped answer, and the history
         when `return_history`.
         """
-        processor = processor if processor is not None else self._chat_processor(tokenizer)
-        from .video_loading import is_still_image
+        from .video_loading import VideoSegment, is_still_image
 
+        processor = processor if processor is not None else self._chat_processor(tokenizer)
         kind = "image" if is_still_image(video_path) else "video"
         if kind == "image":  # the image processor's tiles (anyres), as in training
             image = os.fspath(video_path) if isinstance(video_path, os.PathLike) else video_path
@@ -74,8 +77,9 @@ class VideoChatFlashChatMixin:
                 (features,) = self.get_image_features(**processor.image_processor(image, return_tensors="pt"))
             metadata = None
         else:
-            features, metadata = self._chat_video_tokens(video_path, processor, max_num_frames,
-                                                         _video_backend(media_dict), progress)
+            backend, segment = _media_options(media_dict)
+            video = VideoSegment(video_path, *segment) if segment != (None, None) else video_path
+            features, metadata = self._chat_video_tokens(video, processor, max_num_frames, backend, progress)
         history = chat_history if chat_history is not None else []
         original_roles = bool(history) and history[0]["role"].startswith(ORIGINAL_ROLE_PREFIX)
         if history:
@@ -134,7 +138,8 @@ class VideoChatFlashChatMixin:
         if isinstance(video, (str, os.PathLike)) and os.path.exists(video):
             stat = os.stat(video)  # the file as it is now, the processor's settings and the model's dtype and device
             weight = self.get_input_embeddings().weight
-            key = (os.path.realpath(video), stat.st_mtime_ns, stat.st_size, max_num_frames, backend,
+            key = (os.path.realpath(video), getattr(video, "start", None), getattr(video, "end", None),
+                   stat.st_mtime_ns, stat.st_size, max_num_frames, backend,
                    processor.video_processor.to_json_string(), weight.dtype, weight.device)
             if key in cache:
                 cache.move_to_end(key)

@@ -65,9 +65,17 @@ class VideoChatFlashConfig(Qwen2Config):
         tokens_per_frame=16,
         **kwargs,
     ):
+        # The original's builder matches names by substring (a path such as "OpenGVLab/umt-hd-large" works there too).
+        lowered = str(mm_vision_tower).lower()
+        mm_vision_tower = next((name for name, part in (("internvideo2", "internvideo2"), ("umt-hd-large", "umt-hd"),
+                                                        ("umt-large", "umt")) if part in lowered), mm_vision_tower)
         if mm_vision_tower not in VISION_TOWERS:
             raise ValueError(f"unknown mm_vision_tower {mm_vision_tower!r}: the supported towers are "
                              f"{sorted(VISION_TOWERS)} (vision_config only changes their dims)")
+        rope = kwargs.get("rope_scaling")
+        theta = kwargs.get("rope_theta") or (kwargs.get("rope_parameters") or {}).get("rope_theta")
+        if isinstance(rope, dict) and "rope_theta" not in rope and theta:  # from_pretrained(..., rope_scaling=...)
+            kwargs["rope_scaling"] = {**rope, "rope_theta": theta}
         if mm_projector_type != "tome16_mlp_hd64":
             raise ValueError(f"unsupported mm_projector_type {mm_projector_type!r}: only 'tome16_mlp_hd64' exists")
         if mm_newline_position not in ("nothing", None):
@@ -102,6 +110,19 @@ class VideoChatFlashConfig(Qwen2Config):
     @property
     def image_size(self) -> int:
         return self.vision_config["image_size"]
+
+    @property
+    def rope_scaling(self):
+        return self.rope_parameters
+
+    @rope_scaling.setter
+    def rope_scaling(self, value):
+        # transformers' old name of rope_parameters, which the original's long-context runs set; a value without a
+        # rope base keeps the model's (transformers would leave none).
+        theta = (getattr(self, "rope_parameters", None) or {}).get("rope_theta")
+        value = {"rope_type": "default"} if value is None and theta else value  # None: plain RoPE, same base
+        value = {**value, "rope_theta": theta} if isinstance(value, dict) and "rope_theta" not in value and theta else value
+        Qwen2Config.rope_scaling.fset(self, value)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -142,22 +163,31 @@ class VideoChatFlashConfig(Qwen2Config):
 
 def placeholder_ids_of_tokenizer(pretrained_model_name_or_path, **kwargs) -> dict[str, int]:
     """``{"video_token_id", "image_token_id"}`` the processor gives ``<|video_pad|>`` / ``<|image_pad|>`` with the
-    ``tokenizer.json`` beside a config (their ids, or the next free ids in that order); ``{}`` without one."""
+    tokenizer beside a config (their ids, else the next ids ``len(tokenizer)`` gives, in that order), read from its
+    ``tokenizer.json`` (or ``vocab.json`` + ``tokenizer_config.json``); ``{}`` without one."""
     from transformers.utils import cached_file
 
     options = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
                if key in kwargs}
-    path = cached_file(pretrained_model_name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False, **options)
-    if path is None:
+
+    def read(name):
+        path = cached_file(pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **options)
+        if path is None:
+            return None
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    fast = read("tokenizer.json")
+    if fast is not None:
+        vocab, added = (fast.get("model") or {}).get("vocab"), fast.get("added_tokens", [])
+    else:
+        vocab, config = read("vocab.json"), read("tokenizer_config.json") or {}
+        added = [{"id": int(i), **token} for i, token in (config.get("added_tokens_decoder") or {}).items()]
+    if not isinstance(vocab, dict):
         return {}
-    with open(path, encoding="utf-8") as handle:
-        tokenizer = json.load(handle)
-    vocab = (tokenizer.get("model") or {}).get("vocab")
-    ids = {**(vocab if isinstance(vocab, dict) else {}),
-           **{token["content"]: token["id"] for token in tokenizer.get("added_tokens", [])}}
-    next_id = max(ids.values(), default=-1) + 1
-    found = {}
+    ids = {**vocab, **{token["content"]: token["id"] for token in added}}
+    found, next_id = {}, len(set(ids.values()))
     for name, token in (("video_token_id", "<|video_pad|>"), ("image_token_id", "<|image_pad|>")):
         found[name] = ids.get(token, next_id)
         next_id += token not in ids

@@ -49,6 +49,15 @@ def _middle_indices(total: int, n: int) -> list[int]:
     return idx + [idx[-1]] * (n - k)
 
 
+def _segment(start, end, longest: float) -> tuple[float, float]:
+    """``[start, end]`` seconds clamped to ``[0, longest]`` (a missing end: ``longest``); ValueError when empty."""
+    begin = max(0.0, float(start if start is not None else 0.0))
+    stop = min(longest, float(end if end is not None else longest))
+    if not stop > begin:
+        raise ValueError(f"the segment start={start}, end={end} is empty (the video lasts {longest:.2f} s)")
+    return begin, stop
+
+
 def _count(total_frames: Any) -> int:
     total = as_int("total_frames", total_frames)
     if total <= 0:
@@ -99,21 +108,54 @@ class FrameSampling:
 
     def file_indices(self, total_frames: int, video_fps: float) -> list[int]:
         """Indices to decode from a video file of ``L = total_frames`` frames at ``video_fps`` frames/s (the original
-        chat() / lmms-eval rule). ``n = G * max(1, floor(D * r / G))`` (``D = L / video_fps`` seconds,
-        ``G = frames_multiple``, ``r = fps`` or 1), then at most ``max_num_frames``, then at least ``min_num_frames``
-        if ``L >= min_num_frames``, else at least ``G * (L // G)``; then rounded down to a multiple of 4 (at least 4).
-        A long video never gets fewer than 64 frames; a 5-frame video gives ``[0, 1, 2, 3, 4, 4, 4, 4]``."""
+        chat() / lmms-eval rule), ``file_frame_count`` of them by the middle rule. A long video never gets fewer than
+        64 frames; a 5-frame video gives ``[0, 1, 2, 3, 4, 4, 4, 4]``."""
+        return _middle_indices(_count(total_frames), self.file_frame_count(total_frames, video_fps))
+
+    def file_frame_count(self, total_frames: int, video_fps: float) -> int:
+        """``n = G * max(1, floor(D * r / G))`` (``D = L / video_fps`` seconds, ``G = frames_multiple``, ``r = fps``
+        or 1), then at most ``max_num_frames``, then at least ``min_num_frames`` if ``L >= min_num_frames``, else at
+        least ``G * (L // G)``; then rounded down to a multiple of 4 (at least 4). ``num_frames``: that, rounded up."""
         total = _count(total_frames)
         rate = positive_rate(video_fps)
         if rate is None:
             raise ValueError(f"video_fps must be > 0, got {video_fps!r}")
         if self.num_frames is not None:
-            return _middle_indices(total, _round_up(self.num_frames))
+            return _round_up(self.num_frames)
         seconds = float(total) / rate * (self.fps if self.fps is not None else 1.0)
         g = self.frames_multiple
         n = min(g * max(int(seconds // g), 1), self.max_num_frames)
         floor = self.min_num_frames if total >= self.min_num_frames else g * (total // g)
-        return _middle_indices(total, _round_down(max(n, floor)))
+        return _round_down(max(n, floor))
+
+    def segment_indices(self, total_frames: int, video_fps: float, start: float | None = None,
+                        end: float | None = None) -> tuple[list[int], float]:
+        """``(indices, seconds)`` of the segment ``[start, end]`` seconds of a video file (the original readers' clip
+        rule): start clamped at 0, end at the video's duration - 0.1 s; the file rule over the segment's
+        ``int(seconds * fps)`` frames, offset by ``int(start * fps)``. Raises ValueError for an empty segment."""
+        rate = positive_rate(video_fps)
+        if rate is None:
+            raise ValueError(f"video_fps must be > 0, got {video_fps!r}")
+        begin, stop = _segment(start, end, _count(total_frames) / rate - 0.1)
+        offset, length = int(begin * rate), int((stop - begin) * rate)
+        if length < 1:
+            raise ValueError(f"the segment start={start}, end={end} holds no frame of a {total_frames / rate:.2f} s video")
+        return [offset + i for i in self.file_indices(length, rate)], stop - begin
+
+    def folder_indices(self, num_images: int, start: float | None = None,
+                       end: float | None = None) -> tuple[list[int], float]:
+        """``(indices, seconds)`` for a folder of ``num_images`` frames, taken as 1 frame per second (the original's
+        frame-folder reader). Whole: the file rule. A segment (clamped to ``[0, num_images]`` seconds): the file
+        rule's count over its length, spread evenly over ``[max(1, round(start)), min(round(end), num_images - 1)]``
+        (that reader's own rule, which skips image 0)."""
+        total = _count(num_images)
+        if start is None and end is None:
+            return self.file_indices(total, 1.0), float(total)
+        begin, stop = _segment(start, end, float(total))
+        count = self.file_frame_count(max(1, int(stop - begin)), 1.0)
+        first, last = max(1, round(begin)), min(round(stop), total - 1)
+        step = (last - first) / max(count - 1, 1)
+        return [first + int(np.round(step * i)) for i in range(count)], stop - begin
 
     def decoded_indices(self, total_frames: int, video_fps: float | None = None) -> list[int]:
         """Indices to take from ``T = total_frames`` frames in memory (a still image is ``T = 1``). By default every

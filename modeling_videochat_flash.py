@@ -128,7 +128,7 @@ class VideoChatFlashPreTrainedModel(PreTrainedModel):
         for bias in (getattr(module, name, None) for name in ("q_bias", "v_bias")):
             if isinstance(bias, nn.Parameter):
                 nn.init.zeros_(bias)
-        if isinstance(module, InternVideo2ViT):  # learned tables and CLS token, as the original's random init
+        if isinstance(module, InternVideo2ViT):  # learned tables and CLS token (when not loaded): small random values
             for table in (module.cls_token, module.pos_embed, module.img_pos_embed):
                 nn.init.trunc_normal_(table, std=0.02)
         if isinstance(module, LayerScale):
@@ -331,12 +331,17 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         """Switch the LLM's rotary position scaling of a loaded model, as ``from_pretrained(..., rope_scaling=...)``
         would when loading: any type transformers' Qwen2 takes, e.g. the original's needle-in-a-haystack setting
         ``{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}``; None: plain RoPE."""
-        theta = self.config.rope_parameters.get("rope_theta", self.config.default_theta)
-        self.config.rope_parameters = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": theta}
-        self.config.standardize_rope_params()
-        self.config.validate_rope()
-        device = self.rotary_emb.inv_freq.device
-        self.rotary_emb = Qwen2RotaryEmbedding(config=self.config).to(device)
+        config, previous = self.config, self.config.rope_parameters
+        theta = previous.get("rope_theta", config.default_theta)
+        config.rope_parameters = {"rope_theta": theta, **(rope_scaling or {"rope_type": "default"})}
+        try:
+            config.standardize_rope_params()
+            config.validate_rope()
+            rotary = Qwen2RotaryEmbedding(config=config).to(self.rotary_emb.inv_freq.device)
+        except Exception:
+            config.rope_parameters = previous  # a bad setting changes nothing
+            raise
+        self.rotary_emb = rotary
 
     def visual_token_mask(self, input_ids):
         """`(batch, seq)` bool: which positions hold visual tokens (None without input_ids)."""
@@ -458,7 +463,11 @@ class VideoChatFlashForCausalLM(VideoChatFlashPreTrainedModel, GenerationMixin, 
         self.post_init()
 
     get_video_features = property(lambda self: self.model.get_video_features)  # the base model's, bound
-    set_rope_scaling = property(lambda self: self.model.set_rope_scaling)
+
+    def set_rope_scaling(self, rope_scaling: dict | None) -> None:
+        """See `VideoChatFlashModel.set_rope_scaling`; chat()'s caches, computed with the old positions, are dropped."""
+        self.model.set_rope_scaling(rope_scaling)
+        self.clear_chat_cache()
     get_image_features = property(lambda self: self.model.get_image_features)
 
     def _prepare_generation_config(self, generation_config, **kwargs):

@@ -27,7 +27,7 @@ from transformers.video_utils import make_batched_videos
 
 from .configuration_videochat_flash import MEDIA_MARKER
 from .frame_sampling import FrameSampling, time_message
-from .video_loading import iter_video_chunks, load_video, parse_size, resize_frame, rgb_frame
+from .video_loading import VideoSegment, iter_video_chunks, load_video, parse_size, resize_frame, rgb_frame
 
 logger = logging.get_logger(__name__)
 
@@ -467,6 +467,17 @@ class VideoChatFlashProcessor(ProcessorMixin):
     def replace_image_token(self, image_inputs, image_idx: int, **kwargs) -> str:
         rows, cols = (int(n) for n in image_inputs["image_grids"][image_idx])
         return self.image_token * (self.num_image_tokens * (1 + rows * cols))  # the base image, then each tile
+
+    def _multimodal_inputs_from_conversations(self, conversations, *args, **kwargs):
+        # A video block may name a segment ({"type": "video", "path": ..., "start": s, "end": e}, in seconds), which
+        # the stock traversal drops: its path becomes a VideoSegment, a path that carries it.
+        segments = [[(block.get("start"), block.get("end")) for message in conversation
+                     if isinstance(message.get("content"), list) for block in message["content"]
+                     if block.get("type") == "video"] for conversation in conversations]
+        images, videos, *rest = super()._multimodal_inputs_from_conversations(conversations, *args, **kwargs)
+        videos = [[VideoSegment(video, *segment) if segment != (None, None) else video
+                   for video, segment in zip(row, row_segments)] for row, row_segments in zip(videos, segments)]
+        return (images, videos, *rest)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         images, text, videos, audio = super().prepare_inputs_layout(images, text, videos, audio, **kwargs)

@@ -20,6 +20,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .processing_videochat_flash import VideoChatFlashVideoProcessor
+from .video_loading import VideoSegment
 
 __all__ = ["as_mm_encoder_outputs", "encode_video_streaming"]
 
@@ -48,17 +49,20 @@ def _prefetch(iterable: Iterable, depth: int) -> Iterator:
 
 def encode_video_streaming(model, video, *, video_processor: VideoChatFlashVideoProcessor | None = None,
                            video_metadata=None, clips_per_chunk: int = DEFAULT_CLIPS_PER_CHUNK, prefetch: int = 1,
-                           progress: bool = False, **processor_kwargs):
+                           progress: bool = False, start: float | None = None, end: float | None = None,
+                           **processor_kwargs):
     """Visual tokens of one video, computed chunk by chunk in bounded memory.
 
     Args:
         model: a ``VideoChatFlashForCausalLM`` (or its ``VideoChatFlashModel``).
-        video: what the video processor takes: a file, decoded frames (arrays, tensors, PIL images), a still image.
+        video: what the video processor takes: a file (a GIF, a folder of frames), decoded frames (arrays, tensors,
+            PIL images), a still image.
         video_processor: whose pixels to encode (default: one for the model's ``config.image_size``).
         video_metadata: of decoded frames (``fps``, ``duration``), as for the processor.
         clips_per_chunk: 4-frame clips decoded and encoded together (memory grows with it, not with the frame count).
         prefetch: chunks decoded ahead by a background thread while the model encodes (0: none).
         progress: a tqdm bar over the frames, drawn only when stderr is a terminal (or in a notebook).
+        start / end: a segment of a file or frame folder, in seconds (as ``load_video``).
         processor_kwargs: the video processor's options for this call (``max_num_frames``, ``num_frames``, ``fps``,
             ``video_backend``, ...).
 
@@ -71,6 +75,8 @@ def encode_video_streaming(model, video, *, video_processor: VideoChatFlashVideo
     config = model.config
     if video_processor is None:
         video_processor = VideoChatFlashVideoProcessor(size=config.image_size)
+    if start is not None or end is not None:
+        video = VideoSegment(video, start, end)
     metadata, chunks = video_processor.iter_pixel_chunks(
         video, clips_per_chunk * config.mm_local_num_frames, video_metadata, **processor_kwargs
     )

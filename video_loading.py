@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +32,8 @@ try:  # decord 0.6.0: optional. Never decord2, which returns wrong frames after 
 except ImportError:  # pragma: no cover - exercised only without decord
     decord = None
 
-__all__ = ["IMAGE_EXTENSIONS", "VideoLoadMetadata", "is_still_image", "VideoReadError", "available_backends", "iter_video_chunks",
-           "load_video", "parse_size", "resize_frame", "rgb_frame"]
+__all__ = ["IMAGE_EXTENSIONS", "VideoLoadMetadata", "VideoReadError", "VideoSegment", "available_backends", "folder_frames",
+           "is_still_image", "iter_video_chunks", "load_video", "parse_size", "resize_frame", "rgb_frame"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _TIMEOUTS_S = (20.0, 20.0)  # PyAV interrupts opening, and each blocking read, after this: broken input must not hang
@@ -83,9 +84,37 @@ class VideoLoadMetadata:
         return asdict(self)
 
 
-def _metadata(indices, fps, total, backend, width, height, path, extra) -> VideoLoadMetadata:
-    return VideoLoadMetadata([int(i) for i in indices], fps, None if fps is None else total / fps, int(total), backend,
-                             int(width), int(height), path, extra)
+def _metadata(indices, fps, total, backend, width, height, path, extra, duration=None) -> VideoLoadMetadata:
+    duration = duration if duration is not None else None if fps is None else total / fps  # (a segment's: its own)
+    return VideoLoadMetadata([int(i) for i in indices], fps, duration, int(total), backend, int(width), int(height),
+                             path, extra)
+
+
+class VideoSegment(str):
+    """A video file (or frame folder) path that carries the segment ``[start, end]`` seconds to sample from: what a
+    ``{"type": "video", "path": ..., "start": ..., "end": ...}`` block becomes; a ``str``, so it passes wherever a path
+    does. Either end may be None (the video's start / end)."""
+
+    def __new__(cls, path, start: float | None = None, end: float | None = None):
+        segment = super().__new__(cls, os.fspath(path))
+        segment.start, segment.end = start, end
+        return segment
+
+    def __repr__(self) -> str:
+        return f"VideoSegment({str(self)!r}, start={self.start}, end={self.end})"
+
+
+FOLDER_FRAME = re.compile(r"_(\d+)\.(?:jpg|jpeg|png)$", re.IGNORECASE)
+
+
+def folder_frames(path: str) -> list[str]:
+    """The frame images of a folder in the original reader's order: ``*_<N>.jpg|jpeg|png`` by N (other images
+    first, by name); other files are ignored. ValueError when it holds none."""
+    names = [name for name in os.listdir(path) if name.lower().endswith((".jpg", ".jpeg", ".png"))]
+    if not names:
+        raise ValueError(f"cannot read video {path!r}: a folder of frames needs *_<N>.jpg / .jpeg / .png images")
+    number = {name: int(m.group(1)) if (m := FOLDER_FRAME.search(name)) else -1 for name in names}
+    return [os.path.join(path, name) for name in sorted(names, key=lambda name: (number[name], name))]
 
 
 def is_still_image(media) -> bool:
@@ -521,10 +550,10 @@ def _span_chunks(probe: _Probe, asm: _ChunkAssembler, num_threads: int, seek_mod
 
 
 def _pyav_chunks(probe: _Probe, asm: _ChunkAssembler, num_threads: int, meta: VideoLoadMetadata, fallback: bool,
-                 sampling: FrameSampling) -> Iterator[np.ndarray]:
+                 pick) -> Iterator[np.ndarray]:
     """Chunks decoded by PyAV; from the first chunk whose frames do not match by timestamp, decoded again straight
     through and matched by counting. Failures raise ``ValueError``; with ``fallback``, decord reads the chunks left
-    instead if it may read the file and samples the same indices."""
+    instead if it may read the file and `pick` (the sampling rule) gives it the same indices."""
     info = meta.extra
     try:
         if probe.use_pts:
@@ -552,7 +581,7 @@ def _pyav_chunks(probe: _Probe, asm: _ChunkAssembler, num_threads: int, meta: Vi
     warnings.warn(f"{error}; trying the next backend for chunks {asm.next}..", stacklevel=2)
     try:
         vr, total, fps, _, _ = _decord_reader(probe.path, probe)
-        if sampling.file_indices(total, fps) != asm.indices:
+        if pick(total, fps)[0] != asm.indices:
             raise _BackendFailed(f"decord samples other frames of {probe.path!r} (frame rate {fps} vs {meta.fps})")
     except _BackendFailed as e:
         raise ValueError(f"{error}; {e}") from None
@@ -609,20 +638,22 @@ def _decord_chunks(vr, path: str, asm: _ChunkAssembler, src_hw, earlier: str | N
 
 
 def _classify_input(video) -> tuple[str, Any, str | None]:
-    """``("file", None, path)``, or ``("image" | "frames", a list or (T, H, W, 3) array of frames, path or None)``."""
+    """``("file" | "gif", None, path)``, ``("folder", its frame paths, path)``, or ``("image" | "frames", a list or
+    (T, H, W, 3) array of frames, path or None)``."""
     if isinstance(video, (str, os.PathLike)):
         path = os.fsdecode(os.fspath(video))
         if not os.path.exists(path):
             if path.lower().startswith(("http://", "https://", "ftp://", "rtsp://", "s3://")):
                 raise ValueError(f"video URLs are not supported yet: download {path!r} first and pass the local file")
             raise FileNotFoundError(f"video file not found: {path!r}" if path else "video path is empty")
-        problem = ("it is a directory, not a video file" if os.path.isdir(path) else "not a regular file"
-                   if not os.path.isfile(path) else "permission denied" if not os.access(path, os.R_OK)
-                   else "the file is empty" if os.path.getsize(path) == 0 else None)
+        if os.path.isdir(path):
+            return "folder", folder_frames(path), path  # a video as a folder of frames (1 frame per second)
+        problem = ("not a regular file" if not os.path.isfile(path) else "permission denied"
+                   if not os.access(path, os.R_OK) else "the file is empty" if os.path.getsize(path) == 0 else None)
         if problem:
             raise ValueError(f"cannot read video {path!r}: {problem}")
         if not path.lower().endswith(IMAGE_EXTENSIONS):
-            return "file", None, path
+            return "gif" if path.lower().endswith(".gif") else "file", None, path
         try:
             with Image.open(path) as img:
                 return "image", [img.convert("RGB")], path  # convert() loads (and checks) the whole image
@@ -651,13 +682,17 @@ def _classify_input(video) -> tuple[str, Any, str | None]:
 
 def iter_video_chunks(video, chunk_frames: int | None = 32, *, size=None, backend: str | None = None,
                       video_fps: float | None = None, num_threads: int | None = None,
-                      sampling: FrameSampling | None = None, **sampling_options,
-                      ) -> tuple[VideoLoadMetadata, Iterator[np.ndarray]]:
+                      sampling: FrameSampling | None = None, start: float | None = None, end: float | None = None,
+                      **sampling_options) -> tuple[VideoLoadMetadata, Iterator[np.ndarray]]:
     """``(metadata, chunks)``: the sampled frames of ``video`` as (n, H, W, 3) uint8 arrays of ``chunk_frames`` frames
     (None: one chunk), in time order, each decoded when asked for, so memory holds about one chunk of frames.
 
-    ``video``: a video path; a still image (a path, a ``PIL.Image``, an (H, W, 3) uint8 array); decoded frames (a list
-    of PIL images / (H, W, 3) arrays, a (T, H, W, 3) / (T, 3, H, W) uint8 numpy array or torch tensor). ``size``
+    ``video``: a video path (a GIF: every frame, taken as 1 frame per second, as the original's gif reader; a folder
+    of ``*_<N>.jpg|png`` frames: 1 frame per second, see :func:`folder_frames`); a still image (a path, a
+    ``PIL.Image``, an (H, W, 3) uint8 array); decoded frames (a list of PIL images / (H, W, 3) arrays, a
+    (T, H, W, 3) / (T, 3, H, W) uint8 numpy array or torch tensor). ``start`` / ``end`` (seconds, or a
+    :class:`VideoSegment` path) sample a segment of a file or folder by the original's rules (the metadata's
+    ``duration`` is the segment's); GIFs have none, as in the original. ``size``
     (:func:`parse_size`) resizes each frame as it is decoded. ``backend``: None, "pyav" or "decord" (see the module).
     ``video_fps``: the rate of decoded frames (``fps=`` sampling needs it). ``num_threads``: default the usable CPUs, at
     most 8. ``sampling``: a :class:`FrameSampling`, or its fields as keywords. Bad arguments and inputs raise here
@@ -676,9 +711,21 @@ def iter_video_chunks(video, chunk_frames: int | None = 32, *, size=None, backen
     if num_threads is None:  # the usable CPUs, at most 8
         num_threads = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
     num_threads = max(1, as_int("num_threads", num_threads))
+    start, end = (getattr(video, "start", None), getattr(video, "end", None)) if start is None and end is None else (
+        start, end)
     kind, frames, path = _classify_input(video)
-    if kind == "file":
-        return _open_file(path, chunk_frames, hw, backend, sampling, num_threads)
+    if (start is not None or end is not None) and kind not in ("file", "folder"):
+        raise ValueError(f"start / end segments are for video files and frame folders, not {kind}s"
+                         + (" (the original's gif reader has none)" if kind == "gif" else ""))
+    if kind in ("file", "gif"):
+        return _open_file(path, chunk_frames, hw, backend, sampling, num_threads, (start, end), kind == "gif")
+    if kind == "folder":
+        indices, seconds = sampling.folder_indices(len(frames), start, end)
+        first = rgb_frame(Image.open(frames[indices[0]]), frames[indices[0]])
+        asm = _ChunkAssembler(indices, chunk_frames, hw, None, path)
+        meta = _metadata(indices, 1.0, len(frames), "frames", first.shape[1], first.shape[0], path,
+                         {"input": "folder"}, seconds)
+        return meta, _drain(((i, _read_image(frames[i])) for i in asm.targets()), asm)
     rate = 1.0 if kind == "image" else None if video_fps is None else positive_rate(video_fps)
     if kind == "frames" and video_fps is not None and rate is None:
         raise ValueError(f"video_fps must be > 0, got {video_fps!r}")
@@ -695,9 +742,24 @@ def iter_video_chunks(video, chunk_frames: int | None = 32, *, size=None, backen
     return meta, _drain(in_order, asm)
 
 
-def _open_file(path, chunk_frames, hw, backend, sampling: FrameSampling, num_threads):
-    """Metadata and chunks of a video file. The PyAV probe comes first: it also vets the file for decord."""
-    order = available_backends() if backend is None else [backend]
+def _read_image(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return rgb_frame(image, path)
+
+
+def _open_file(path, chunk_frames, hw, backend, sampling: FrameSampling, num_threads, segment=(None, None),
+               gif: bool = False):
+    """Metadata and chunks of a video file (of its `segment` seconds; a GIF at 1 frame per second). The PyAV probe
+    comes first: it also vets the file for decord."""
+
+    def pick(total: int, fps: float) -> tuple[list[int], float]:  # (indices, seconds) by the original's rules
+        if segment != (None, None):
+            return sampling.segment_indices(total, fps, *segment)
+        return sampling.file_indices(total, fps), total / fps
+
+    if gif and backend == "decord":
+        raise ValueError("GIFs are read with PyAV (decord does not read them)")
+    order = ["pyav"] if gif else available_backends() if backend is None else [backend]
     if not order:
         raise ImportError("load_video needs PyAV (pip install av) or decord (pip install decord==0.6.0)")
     if {"pyav": av, "decord": decord}[order[0]] is None:
@@ -711,28 +773,30 @@ def _open_file(path, chunk_frames, hw, backend, sampling: FrameSampling, num_thr
                           + (f", {probe.n_corrupt} corrupt packets" if probe.n_corrupt else "")
                           + "); sampling from the readable frames", stacklevel=3)
     if order[0] == "pyav":
-        fps = probe.fps or probe.fallback_fps
-        indices = sampling.file_indices(probe.total_frames, fps)
+        fps = 1.0 if gif else probe.fps or probe.fallback_fps  # the original's gif reader: 1 frame per second
+        indices, seconds = pick(probe.total_frames, fps)
         asm = _ChunkAssembler(indices, chunk_frames, hw, (probe.height, probe.width), path)
-        info = {"codec": probe.codec, "gop": round(probe.gop, 2), "fps_source": "stream" if probe.fps else "fallback"}
-        meta = _metadata(indices, fps, probe.total_frames, "pyav", probe.width, probe.height, path, info)
-        return meta, _pyav_chunks(probe, asm, num_threads, meta, "decord" in order, sampling)
+        info = {"codec": probe.codec, "gop": round(probe.gop, 2),
+                "fps_source": "gif: 1 per second" if gif else "stream" if probe.fps else "fallback"}
+        meta = _metadata(indices, fps, probe.total_frames, "pyav", probe.width, probe.height, path, info, seconds)
+        return meta, _pyav_chunks(probe, asm, num_threads, meta, "decord" in order, pick)
     try:
         vr, total, fps, fps_source, src_hw = _decord_reader(path, probe)
     except _BackendFailed as e:
         raise ValueError(str(e)) from None
-    indices = sampling.file_indices(total, fps)
+    indices, seconds = pick(total, fps)
     asm = _ChunkAssembler(indices, chunk_frames, hw, src_hw, path)
-    meta = _metadata(indices, fps, total, "decord", src_hw[1], src_hw[0], path, {"fps_source": fps_source})
+    meta = _metadata(indices, fps, total, "decord", src_hw[1], src_hw[0], path, {"fps_source": fps_source}, seconds)
     return meta, _decord_chunks(vr, path, asm, src_hw)
 
 
 def load_video(video, *, size=None, backend: str | None = None, video_fps: float | None = None,
-               num_threads: int | None = None, sampling: FrameSampling | None = None, **sampling_options,
-               ) -> tuple[np.ndarray, VideoLoadMetadata]:
+               num_threads: int | None = None, sampling: FrameSampling | None = None, start: float | None = None,
+               end: float | None = None, **sampling_options) -> tuple[np.ndarray, VideoLoadMetadata]:
     """``(frames, metadata)``: :func:`iter_video_chunks` (same arguments) in one (T, H, W, 3) uint8 chunk, T a multiple
     of 4. With the default sampling and a file, the frames of the original chat() path."""
     meta, chunks = iter_video_chunks(video, None, size=size, backend=backend, video_fps=video_fps,
-                                     num_threads=num_threads, sampling=sampling, **sampling_options)
+                                     num_threads=num_threads, sampling=sampling, start=start, end=end,
+                                     **sampling_options)
     (frames,) = chunks  # the one chunk is the preallocated output: no copy
     return frames, meta

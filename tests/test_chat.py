@@ -129,8 +129,8 @@ def test_original_style_history_and_generation_config(model, processor, videos):
     assert [m["role"] for m in original] == ["<|im_start|>user", "<|im_start|>assistant"] * 2
     same, _ = model.chat(videos["main"], tokenizer, "And then?", chat_history=history[:2], generation_config=settings)
     assert reply == same
-    with pytest.raises(ValueError, match="start/end"):
-        model.chat(videos["main"], tokenizer, QUESTION, media_dict={"video_read_type": "decord", "start": 0, "end": 1})
+    with pytest.raises(ValueError, match="the keys are 'start' / 'end'"):
+        model.chat(videos["main"], tokenizer, QUESTION, media_dict={"video_read_type": "decord", "begin": 0})
     with pytest.raises(ValueError, match="<image>"):
         model.chat(videos["main"], tokenizer, QUESTION, chat_history=[{"role": "user", "content": "no video"}])
 

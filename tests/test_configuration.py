@@ -64,3 +64,31 @@ def test_values_of_the_wrong_kind_are_refused_or_read_the_original_way():
                                       llm_image_token_ratio_list=ratios)
         with pytest.raises(ValueError, match="must start at 1"):
             config.validate_token_dropping()
+
+
+def test_tower_names_are_matched_like_the_original_builder():
+    """The original's builder matches tower names by substring: paths and suffixed names pick the same tower."""
+    for name, tower in (("OpenGVLab/umt-hd-large", "umt-hd-large"), ("umt-large", "umt-large"), ("umt", "umt-large"),
+                        ("InternVideo2-1B", "internvideo2"), ("internvideo2", "internvideo2")):
+        assert VideoChatFlashConfig(mm_vision_tower=name).mm_vision_tower == tower, name
+
+
+def test_placeholder_ids_come_from_the_tokenizer_files(tmp_path):
+    """A published config names no placeholder ids: they are those the processor gives with the folder's tokenizer
+    (tokenizer.json, or vocab.json + tokenizer_config.json), whatever the vocabulary size says."""
+    import json
+
+    from videochat_flash.configuration_videochat_flash import placeholder_ids_of_tokenizer
+
+    vocab = {f"t{i}": i for i in range(100)}
+    fast = {"model": {"vocab": vocab}, "added_tokens": [{"id": 150, "content": "<|im_end|>"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(fast))
+    assert placeholder_ids_of_tokenizer(tmp_path) == {"video_token_id": 101, "image_token_id": 102}  # len(tokenizer)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "100": {"content": "<|image_pad|>"}, "101": {"content": "<|video_pad|>"}}}))
+    assert placeholder_ids_of_tokenizer(tmp_path) == {"video_token_id": 101, "image_token_id": 100}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "videochat_flash_qwen", "vocab_size": 152064}))
+    config = VideoChatFlashConfig.from_pretrained(tmp_path)
+    assert (config.video_token_id, config.image_token_id) == (101, 100)  # not the Qwen2 default of 152064 rows

@@ -265,9 +265,10 @@ def test_unknown_models_give_one_line_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the shipped code
 def test_hub_code_is_small_flat_and_acyclic(exported):
-    """The .py files of a Hub folder: at most 3,400 lines (3,000 when one path per concept was set up; image tiles,
-    the InternVideo2 tower and placeholder ids from the tokenizer added ~370), no function over 80 lines, flat
-    single-dot relative imports of sibling files only; and no import cycle among this package's modules."""
+    """The .py files of a Hub folder: at most 3,600 lines (3,000 when one path per concept was set up; image tiles,
+    the InternVideo2 tower, placeholder ids from the tokenizer, segments / frame folders / GIFs added ~550), no
+    function over 80 lines, flat single-dot relative imports of sibling files only; and no import cycle among this
+    package's modules."""
     import ast
 
     files = sorted(exported["folder"].glob("*.py"))
@@ -282,7 +283,7 @@ def test_hub_code_is_small_flat_and_acyclic(exported):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1 and (exported["folder"] / f"{node.module}.py").is_file(), (path.name, node.module)
     print(f"\nHub code: {sum(lengths.values())} lines in {len(files)} files; longest function {max(longest)}")
-    assert sum(lengths.values()) <= 3400, lengths
+    assert sum(lengths.values()) <= 3600, lengths
     assert max(longest)[0] <= 80, sorted(longest)[-5:]
 
     graph = {}  # each module of the package (dotted, relative to the repo root) -> the package modules it imports
@@ -314,7 +315,8 @@ CUDA_CALL = ".cuda" + "()"  # spelled in two parts so this file does not contain
 def test_no_cuda_calls_and_guarded_flash_attn():
     """No source of this package calls .cuda() (any device goes through .to()); flash_attn is imported only inside a
     try: (transformers' remote-code loader requires every unguarded import to be installed)."""
-    sources = [p for p in REPO_ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    sources = [p for p in REPO_ROOT.rglob("*.py") if not any(part.startswith(".venv") for part in p.parts)
+               and "tests" not in p.parts]
     for path in sources:
         text = path.read_text()
         assert CUDA_CALL not in text, path

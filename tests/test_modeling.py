@@ -503,3 +503,31 @@ def test_set_rope_scaling_switches_yarn_on_a_loaded_model():
         assert base.config.rope_parameters["rope_type"] == "yarn" and torch.equal(switched, expected)
         base.set_rope_scaling(None)
         assert torch.equal(base(ids, position_ids=positions).logits, plain)
+
+
+def test_rope_scaling_at_load_time_and_in_an_edited_config_json(tmp_path):
+    """from_pretrained(..., rope_scaling=yarn) and the original's NIAH edit of config.json ("rope_scaling" without a
+    rope base) keep the model's rope base and equal set_rope_scaling; a bad setting changes nothing; chat()'s caches
+    are dropped by a switch."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_folder(tmp_path / "tiny")
+    yarn = dict(ROPE_SCALINGS["yarn"])
+    by_kwarg = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, rope_scaling=yarn)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": yarn}))
+    by_file = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    switched = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, rope_scaling=None)
+    ids, positions = torch.tensor([[1, 2, 3]]), torch.tensor([[50000, 50001, 50002]])
+    switched.set_rope_scaling(None)
+    switched._chat_prefix_state = {"stale": True}
+    switched.set_rope_scaling(yarn)
+    assert switched._chat_prefix_state is None  # the kept KV cache had the old positions
+    with torch.no_grad():
+        logits = [model(ids, position_ids=positions).logits for model in (by_kwarg, by_file, switched)]
+    theta = [m.config.rope_parameters["rope_theta"] for m in (by_kwarg, by_file, switched)]
+    assert theta == [1e6] * 3 and torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+    before = dict(switched.config.rope_parameters)
+    with pytest.raises(Exception):
+        switched.set_rope_scaling({"rope_type": "yarn", "factor": "x", "original_max_position_embeddings": 32768})
+    assert switched.config.rope_parameters == before

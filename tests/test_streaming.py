@@ -207,3 +207,46 @@ def test_streaming_memory_does_not_grow_with_frames(tmp_path):
           f"{result['token_kb'] / 1024:.0f} MiB; all-frames float pixels would be {pixels_mib:.0f} MiB)")
     assert result["frames"] == frames
     assert result["grew_kb"] / 1024 < pixels_mib / 4
+
+
+def test_segments_folders_and_gifs_agree_across_entry_points(tiny, tmp_path):
+    """A segment of a file, a folder of frames and a GIF give the same frames and prompt through load_video, the
+    processor's video blocks ({"start", "end"} keys), streaming encoding and chat(media_dict=...)."""
+    import numpy as np
+
+    from videochat_flash.frame_sampling import time_message
+
+    model, processor = tiny, tiny_processor()
+    clip = encode(tmp_path / "clip.mp4", 120, fps=10, w=64, h=48)  # 12 s
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    decoded, _ = load_video(clip, num_frames=12)
+    for n, frame in enumerate(decoded):
+        Image.fromarray(frame).save(folder / f"f_{n}.jpg" if n % 2 else folder / f"f_{n}.png")
+    gif = tmp_path / "clip.gif"
+    Image.fromarray(decoded[0]).save(gif, save_all=True, append_images=[Image.fromarray(f) for f in decoded[1:]])
+    cases = [(str(clip), {"start": 2.5, "end": 9.0}, "pyav"), (str(folder), {"start": 2.0, "end": 10.0}, "img"),
+             (str(folder), {}, "frame"), (str(gif), {}, "gif")]
+    settings = {"max_num_frames": 16, "generation_config": {"max_new_tokens": 3, "do_sample": False}}
+    for path, segment, read_type in cases:
+        frames, meta = load_video(path, **segment, max_num_frames=16)
+        block = {"type": "video", "path": path, **segment}
+        inputs = processor.apply_chat_template(
+            [{"role": "user", "content": [block, {"type": "text", "text": "What?"}]}], add_generation_prompt=True,
+            tokenize=True, return_dict=True, return_tensors="pt", processor_kwargs={"max_num_frames": 16})
+        assert int(inputs["video_frame_counts"][0]) == meta.num_frames
+        text = processor.tokenizer.decode(inputs["input_ids"][0])
+        assert time_message(meta.duration, meta.num_frames) in text
+        with torch.no_grad():
+            streamed, streamed_meta = encode_video_streaming(model, path, video_processor=processor.video_processor,
+                                                             max_num_frames=16, clips_per_chunk=1, **segment)
+            one_shot = model.get_video_features(inputs["pixel_values_videos"])[0]
+            answer = processor.tokenizer.decode(model.generate(**inputs, max_new_tokens=3, do_sample=False)[
+                0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert streamed_meta.frame_indices == meta.frame_indices and (streamed - one_shot).abs().max() < 1e-5
+        chat, history = model.chat(path, processor.tokenizer, "What?", processor=processor,
+                                   media_dict={**segment, "video_read_type": read_type}, **settings)
+        assert chat == answer and time_message(meta.duration, meta.num_frames) in history[0]["content"]
+        print(f"\n{Path(path).name} {segment or ''}: {meta.num_frames} frames {meta.frame_indices[:3]}..., "
+              f"{meta.duration:.2f} s; processor, streaming and chat() agree")
+    assert np.array_equal(load_video(folder)[0], load_video(folder, start=None)[0])

@@ -27,7 +27,7 @@ from media import OPEN_GOP, audio_only, encode, image, naive_decode, pattern, ze
 
 import videochat_flash.video_loading as vl
 from videochat_flash.frame_sampling import FrameSampling, time_message
-from videochat_flash.video_loading import VideoLoadMetadata, iter_video_chunks, load_video, resize_frame
+from videochat_flash.video_loading import VideoLoadMetadata, VideoSegment, iter_video_chunks, load_video, resize_frame
 
 try:
     import decord  # noqa: F401
@@ -987,3 +987,94 @@ def test_decoded_frames_over_the_cap_are_sampled_with_a_warning():
         warnings.simplefilter("error")  # asked for: no warning
         assert load_video(frames, max_num_frames=600)[0].shape[0] == 600
         assert load_video(frames, num_frames=8)[0].shape[0] == 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The original's other readers: clip segments, folders of frames, GIFs
+# --------------------------------------------------------------------------------------------------------------
+GOLDEN = golden_path("README.md").parent
+SEGMENT_CASES = json.loads((GOLDEN / "segments_and_folders.json").read_text())["cases"]
+
+
+def _case_settings(case: str) -> dict:
+    settings = {"max_num_frames": int(case.split("max_num_frames=")[1])}
+    if "start=" in case:
+        settings.update(start=float(case.split("start=")[1].split()[0]), end=float(case.split("end=")[1].split()[0]))
+    return settings
+
+
+@pytest.fixture(scope="module")
+def frame_folders(tmp_path_factory):
+    """The golden's folders: every 5th decoded frame of the long video / every 25th of the main one, as
+    frame_<N>.png (written out of order, and beside a stray file, to check the reader's sorting)."""
+    import av
+
+    root = tmp_path_factory.mktemp("folders")
+    folders = {}
+    for name, step, count in (("synthetic_long_100s_5fps_64x48.mp4", 5, 100),
+                              ("synthetic_main_12s_25fps_320x240.mp4", 25, 12)):
+        with av.open(str(GOLDEN / name)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)][::step]
+        folder = root / name.split("_")[1]
+        folder.mkdir()
+        for n in reversed(range(len(frames))):
+            Image.fromarray(frames[n]).save(folder / f"frame_{n}.png")
+        (folder / "notes.txt").write_text("not a frame")
+        folders[count] = (folder, np.stack(frames))
+    return folders
+
+
+@pytest.mark.parametrize("case", [c for c in SEGMENT_CASES if not c.startswith("folder")])
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_file_segments_follow_the_original_reader(case, backend):
+    """start / end seconds: the original's indices (offset by int(start * fps)), fps, the segment's duration and its
+    time message, exactly; and the frames are those indices of the file."""
+    expected = SEGMENT_CASES[case]
+    path = GOLDEN / case.split()[0]
+    frames, meta = load_video(path, backend=backend, **_case_settings(case))
+    assert meta.frame_indices == expected["frame_indices"] and meta.fps == expected["fps"]
+    assert meta.duration == pytest.approx(expected["duration"])
+    assert time_message(meta.duration, meta.num_frames) == expected["time_msg"]
+    np.testing.assert_array_equal(frames, naive_decode(path)[expected["frame_indices"]])
+    segment = VideoSegment(path, _case_settings(case)["start"], _case_settings(case)["end"])  # a path with a segment
+    assert load_video(segment, backend=backend, max_num_frames=_case_settings(case)["max_num_frames"])[
+        1].frame_indices == expected["frame_indices"]
+
+
+@pytest.mark.parametrize("case", [c for c in SEGMENT_CASES if c.startswith("folder")])
+def test_frame_folders_follow_the_original_reader(case, frame_folders):
+    expected = SEGMENT_CASES[case]
+    folder, source = frame_folders[100 if "100 frames" in case else 12]
+    frames, meta = load_video(folder, **_case_settings(case))
+    assert meta.frame_indices == expected["frame_indices"] and meta.fps == expected["fps"] == 1.0
+    assert meta.duration == expected["duration"]
+    assert time_message(meta.duration, meta.num_frames) == expected["time_msg"]
+    np.testing.assert_array_equal(frames, source[expected["frame_indices"]])
+
+
+def test_gifs_count_every_frame_at_one_per_second(tmp_path):
+    """The original's gif reader: every frame, 1 frame per second whatever the delays; no segments."""
+    colours = [np.full((30, 40, 3), 12 * i, np.uint8) for i in range(20)]
+    path = tmp_path / "clip.gif"
+    Image.fromarray(colours[0]).save(path, save_all=True, append_images=[Image.fromarray(c) for c in colours[1:]],
+                                     duration=[40, 200] * 10, loop=0)
+    frames, meta = load_video(path)
+    assert (meta.fps, meta.duration, meta.total_frames) == (1.0, 20.0, 20)
+    assert meta.frame_indices == FrameSampling().file_indices(20, 1.0)  # get_frame_indices(vlen=20, input_fps=1)
+    assert len(meta.frame_indices) == 16
+    assert time_message(meta.duration, meta.num_frames) == (
+        "\nThe video lasts for 20.00 seconds, and 16 frames are uniformly sampled from it. ")
+    np.testing.assert_array_equal(frames[:, 0, 0, 0], [12 * i for i in meta.frame_indices])
+    with pytest.raises(ValueError, match="gif reader has none"):
+        load_video(path, start=1, end=5)
+
+
+def test_segment_errors_are_clear(frame_folders, tmp_path):
+    path = GOLDEN / "synthetic_main_12s_25fps_320x240.mp4"
+    with pytest.raises(ValueError, match="is empty"):
+        load_video(path, start=20, end=30)
+    with pytest.raises(ValueError, match="not images"):
+        load_video(np.zeros((32, 32, 3), np.uint8), start=0, end=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="a folder of frames needs"):
+        load_video(tmp_path / "empty")
