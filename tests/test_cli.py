@@ -104,7 +104,7 @@ def bad_videos(tmp_path_factory):
     (root / "notes.mp4").write_text("not a video\n" * 50)
     (root / "folder.mp4").mkdir()
     return {"missing": (str(root / "missing.mp4"), "video file not found"),
-            "directory": (str(root / "folder.mp4"), "is a directory"),
+            "directory": (str(root / "folder.mp4"), "a folder of frames needs"),  # no frames in it
             "text named .mp4": (str(root / "notes.mp4"), "not a readable media file"),
             "http URL": ("http://example.com/clip.mp4", "URLs are not supported yet"),
             "https URL": ("https://example.com/clip.mp4", "download"),
