@@ -6,6 +6,8 @@
     videochat-flash convert SRC DST [--base-model HUB_ID] [--link-weights]
     videochat-flash make-tiny DIR [--seed N]
     videochat-flash train CONFIG
+    videochat-flash niah --haystack VIDEO --needles NEEDLES.json --out DIR [--model ...] [--frames 1000,2000,...]
+                         [--depths 0,0.2,...] [--fps 1] [--repeat-above N] [--yarn FACTOR] [--token-dropping]
 
 ``--model`` takes a folder of this package, an original VideoChat-Flash checkpoint (folder or Hub id: converted on
 the fly into the cache, weights linked, not copied), a Hub id, or ``tiny`` (a tiny random model built offline).
@@ -82,7 +84,36 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune from a YAML/JSON config")
     train.add_argument("config")
+    _niah_parser(commands)
     return parser
+
+
+def _numbers(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(item) for item in text.split(",") if item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    return parse
+
+
+def _niah_parser(commands) -> None:
+    niah = commands.add_parser("niah", help="needle-in-a-haystack grid (results.jsonl, results.json, heatmap.png)")
+    niah.add_argument("--haystack", required=True, help="haystack video file")
+    niah.add_argument("--needles", required=True, help="needles JSON (the original's single- or multi-hop format)")
+    niah.add_argument("--out", required=True, help="output folder (an interrupted run resumes there)")
+    niah.add_argument("--model", default=DEFAULT_MODEL_ID, help="folder, Hub id or 'tiny'")
+    niah.add_argument("--frames", type=_numbers(int), default=None, help="haystack lengths (default 1000,...,10000)")
+    niah.add_argument("--depths", type=_numbers(float), default=None, help="needle depths (default 0,0.2,...,1)")
+    niah.add_argument("--fps", type=float, default=1.0, help="haystack frames per second of video (default 1)")
+    niah.add_argument("--repeat-above", type=_positive_int, default=None,
+                      help="longer grids encode half the frames, twice (the original: 7500)")
+    niah.add_argument("--yarn", type=float, default=None, metavar="FACTOR", help="YaRN rope scaling (the original: 4)")
+    niah.add_argument("--token-dropping", action="store_true", help="in-LLM token dropping on (off in the original)")
+    niah.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    niah.add_argument("--device-map", default=None, help="e.g. auto: spread the model over the GPUs (accelerate)")
+    niah.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    niah.add_argument("--cache-dir", default=None, help="where tiny/converted models and haystack tokens are kept")
 
 
 def _device_and_dtype(device: str, dtype: str):
@@ -195,8 +226,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_niah(args) -> int:
+    from . import niah_videochat_flash as niah
+    from .hub_export import resolve_model
+
+    check_video(args.haystack)  # the video, the options, the needles file and the haystack length before any model
+    settings = niah.settings_from_args(args)
+    with _bars_on_terminals_only():
+        folder = resolve_model(args.model, cache_dir=args.cache_dir)
+        device, dtype = _device_and_dtype(args.device, args.dtype)
+        model, processor = niah.load_model(folder, device, dtype, args.device_map)
+        results = niah.run_niah(model, processor, args.haystack, args.needles, args.out, settings, progress=True)
+    written = "results.jsonl, results.json" + (", heatmap.png" if results["heatmap"] else "")
+    print(f"average accuracy {results['average_accuracy']:.4f}; wrote {written} in {args.out}")
+    return 0
+
+
 COMMANDS = {"chat": cmd_chat, "export": cmd_export, "convert": cmd_convert, "make-tiny": cmd_make_tiny,
-            "train": cmd_train}
+            "train": cmd_train, "niah": cmd_niah}
 
 
 def _one_line(error: BaseException) -> str:
