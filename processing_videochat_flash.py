@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from tokenizers import AddedToken
+from transformers import Qwen2Config
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor, select_best_resolution
 from transformers.image_utils import make_flat_list_of_images, make_nested_list_of_images
@@ -433,7 +434,8 @@ class VideoChatFlashProcessor(ProcessorMixin):
         # Keyword arguments go to the sub-processor that owns them (`max_num_frames=16, size=448`: the video processor).
         subfolder, processor_dict = kwargs.pop("subfolder", ""), processor_dict or {}
         video = {k: kwargs.pop(k) for k in VideoChatFlashVideoProcessor.VIDEO_OPTIONS if k in kwargs}
-        kwargs["trust_remote_code"] = False  # a Qwen2 tokenizer: no remote code to ask about (or prompt for)
+        # A Qwen2 tokenizer: no remote code to ask about (or prompt for), nor a config.json to read for its class.
+        kwargs.update(trust_remote_code=False, config=Qwen2Config())
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, subfolder=subfolder,
                                                         **kwargs)
         video_processor = VideoChatFlashVideoProcessor(**{**processor_dict.get("video_processor", {}), **video})

@@ -237,7 +237,7 @@ def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
 
 def load_model_and_processor(args: ModelArguments):
     """The model to train (float32 master weights by default) and its processor, at `args.image_size` if given."""
-    from .modeling_videochat_flash import VideoChatFlashForCausalLM
+    from .modeling_videochat_flash import VideoChatFlashQwenForCausalLM  # the class our folders name
     from .processing_videochat_flash import VideoChatFlashProcessor
 
     dtype = getattr(torch, args.dtype)
@@ -252,7 +252,7 @@ def load_model_and_processor(args: ModelArguments):
             model.set_attn_implementation(args.attn_implementation)
     else:
         folder = resolve_model(args.model_name_or_path)
-        config = VideoChatFlashForCausalLM.config_class.from_pretrained(folder)
+        config = VideoChatFlashQwenForCausalLM.config_class.from_pretrained(folder)
         for key, value in overrides.items():
             setattr(config, key, value)
         if args.image_size:
@@ -261,7 +261,7 @@ def load_model_and_processor(args: ModelArguments):
                 config.mm_vision_tower = {224: "umt-large", 448: "umt-hd-large"}.get(args.image_size,
                                                                                   config.mm_vision_tower)
         kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-        model = VideoChatFlashForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
+        model = VideoChatFlashQwenForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
         processor = VideoChatFlashProcessor.from_pretrained(folder)
     size = {"height": model.config.image_size, "width": model.config.image_size}
     processor.video_processor.size = processor.image_processor.size = size
