@@ -111,14 +111,13 @@ class VideoChatFlashChatMixin:
             VideoChatFlashVideoProcessor,
         )
 
-        images = {name: getattr(self.config, name) for name in ("image_aspect_ratio", "image_grid_pinpoints")
-                  if getattr(self.config, name, None) is not None}  # the checkpoint's, as the original reads them
-        key = (tokenizer, self.config.image_size, repr(images))
+        image_processor = VideoChatFlashImageProcessor.from_model_config(self.config)  # as the original reads them
+        key = (tokenizer, image_processor.to_json_string())
         cached = getattr(self, "_chat_processor_cache", None)
-        if cached is not None and cached[0][0] is tokenizer and cached[0][1:] == key[1:]:
+        if cached is not None and cached[0][0] is tokenizer and cached[0][1] == key[1]:
             return cached[1]
-        processor = VideoChatFlashProcessor(VideoChatFlashImageProcessor(size=self.config.image_size, **images),
-                                            VideoChatFlashVideoProcessor(size=self.config.image_size), tokenizer)
+        processor = VideoChatFlashProcessor(image_processor, VideoChatFlashVideoProcessor(size=self.config.image_size),
+                                            tokenizer)
         for kind in ("video", "image"):
             expected, got = getattr(self.config, f"{kind}_token_id"), getattr(processor, f"{kind}_token_id")
             if expected is not None and got != expected:

@@ -364,8 +364,7 @@ def convert_original_checkpoint(source, destination, *, base_model: str | None =
     config = VideoChatFlashQwenConfig.from_dict(original)
 
     tokenizer = _load_original_tokenizer(source)
-    images = {key: original[key] for key in ("image_aspect_ratio", "image_grid_pinpoints") if key in original}
-    processor = VideoChatFlashProcessor(VideoChatFlashImageProcessor(size=config.image_size, **images),
+    processor = VideoChatFlashProcessor(VideoChatFlashImageProcessor.from_model_config(config),
                                         VideoChatFlashVideoProcessor(size=config.image_size), tokenizer)
     ids = check_placeholder_ids(processor, config.vocab_size)
     config.video_token_id, config.image_token_id = ids["video_token_id"], ids["image_token_id"]

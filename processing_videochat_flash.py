@@ -109,6 +109,10 @@ def frames_to_pixels(frames, size: dict, do_resize: bool = True, do_rescale: boo
     return output
 
 
+def _size_dict(size) -> dict[str, int]:
+    return dict(zip(("height", "width"), parse_size(size)))
+
+
 def grid_pinpoints(pinpoints, side: int, max_tiles: int | None = None) -> list[tuple[int, int]]:
     """The `(height, width)` resolutions an image may be tiled at: the config's ``image_grid_pinpoints`` (``[width,
     height]`` pairs in pixels, their Python-literal string, or the original's ``"(1x1),...,(6x6)"`` range in tiles of
@@ -189,7 +193,7 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         if int(resample) != PIL_BICUBIC:
             raise ValueError(f"resample={resample}: frames are resized with PIL bicubic (3), as the model was trained")
-        self.size = dict(zip(("height", "width"), parse_size(size)))
+        self.size = _size_dict(size)
         self.resample, self.do_resize, self.do_rescale = PIL_BICUBIC, do_resize, do_rescale
         self.rescale_factor, self.do_normalize = rescale_factor, do_normalize
         self.image_mean, self.image_std = [float(m) for m in image_mean], [float(s) for s in image_std]
@@ -206,7 +210,7 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
         options = {name: getattr(self, name) for name in names}
         options.update({name: value for name, value in overrides.items()
                         if name in names and (value is not None or name in ("num_frames", "fps"))})
-        options["size"] = dict(zip(("height", "width"), parse_size(options["size"])))
+        options["size"] = _size_dict(options["size"])
         return options
 
     # transformers' generic kwargs that mean nothing here: frames are always sampled by frame_sampling's rules
@@ -232,6 +236,14 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
                 grids.append(grid)
         data = {"pixel_values": np.concatenate(pixels), "image_grids": np.array(grids, np.int64).reshape(-1, 2)}
         return BatchFeature(data, tensor_type=return_tensors)
+
+    @classmethod
+    def from_model_config(cls, config) -> "VideoChatFlashImageProcessor":
+        """The image processor a checkpoint's config asks for: its tower size, and its ``image_aspect_ratio`` /
+        ``image_grid_pinpoints`` (the original's fields) where it has them."""
+        tiles = {name: getattr(config, name) for name in ("image_aspect_ratio", "image_grid_pinpoints")
+                 if getattr(config, name, None) is not None}
+        return cls(size=config.image_size, **tiles)
 
     @staticmethod
     def _tiling(options: dict) -> tuple[str, int, list[tuple[int, int]]]:

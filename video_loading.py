@@ -721,7 +721,7 @@ def iter_video_chunks(video, chunk_frames: int | None = 32, *, size=None, backen
         return _open_file(path, chunk_frames, hw, backend, sampling, num_threads, (start, end), kind == "gif")
     if kind == "folder":
         indices, seconds = sampling.folder_indices(len(frames), start, end)
-        first = rgb_frame(Image.open(frames[indices[0]]), frames[indices[0]])
+        first = _read_image(frames[indices[0]])  # its size for the metadata (closed again at once)
         asm = _ChunkAssembler(indices, chunk_frames, hw, None, path)
         meta = _metadata(indices, 1.0, len(frames), "frames", first.shape[1], first.shape[0], path,
                          {"input": "folder"}, seconds)

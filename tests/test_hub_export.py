@@ -1,6 +1,6 @@
 """hub_export: Hub folders (exported and loaded in a fresh process where this package is not importable; their size
 and shape), conversion of original-format checkpoints (golden logits), model lookup; the package's sources (no
-.cuda() call, flash_attn imported only under try:)."""
+CUDA-only device call, flash_attn imported only under try:)."""
 
 import hashlib
 import json
@@ -313,8 +313,8 @@ CUDA_CALL = ".cuda" + "()"  # spelled in two parts so this file does not contain
 
 
 def test_no_cuda_calls_and_guarded_flash_attn():
-    """No source of this package calls .cuda() (any device goes through .to()); flash_attn is imported only inside a
-    try: (transformers' remote-code loader requires every unguarded import to be installed)."""
+    """No source of this package calls the CUDA-only device method (any device goes through .to()); flash_attn is
+    imported only inside a try: (transformers' remote-code loader requires every unguarded import to be installed)."""
     sources = [p for p in REPO_ROOT.rglob("*.py") if not any(part.startswith(".venv") for part in p.parts)
                and "tests" not in p.parts]
     for path in sources:

@@ -109,9 +109,10 @@ def test_flash_attention_2_runs_or_fails_clearly(sample):
         print("\nflash_attn not installed: set_attn_implementation('flash_attention_2') raises ImportError")
         return
     model = model.to("cuda", torch.bfloat16)  # flash-attn kernels need a GPU and half precision
-    reference = run(model, (sample[0].cuda(), sample[1].cuda().bfloat16())).logits
+    inputs = (sample[0].to(model.device), sample[1].to(model.device, model.dtype))  # follow the model
+    reference = run(model, inputs).logits
     model.set_attn_implementation("flash_attention_2")
-    diff = max_diff(run(model, (sample[0].cuda(), sample[1].cuda().bfloat16())).logits, reference)
+    diff = max_diff(run(model, inputs).logits, reference)
     print(f"\nflash_attention_2 vs sdpa (bf16) logits max abs diff: {diff:.1e}")
     assert diff < 5e-2
 

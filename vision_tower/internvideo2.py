@@ -78,9 +78,6 @@ class InternVideo2ViT(nn.Module):
     def __init__(self, hidden_size: int, num_blocks: int, num_attention_heads: int, patch_size: int, image_size: int,
                  num_frames: int, mlp_ratio: float, attn_implementation: str):
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        self.image_size, self.num_frames = image_size, num_frames
         patches = (image_size // patch_size) ** 2
         self.patch_embed = UMTPatchEmbedding(hidden_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
@@ -90,17 +87,11 @@ class InternVideo2ViT(nn.Module):
                                      for _ in range(num_blocks)])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(B, T, 3, S, S)` -> `(B, 1 + T * (S/p)^2, C)`, the CLS token first. T == 1 uses `img_pos_embed`."""
-        num_frames, height, width = pixel_values.shape[1], pixel_values.shape[-2], pixel_values.shape[-1]
-        if pixel_values.dim() != 5 or height != self.image_size or width != self.image_size:
-            raise ValueError(f"pixel_values must be (batch, frames, 3, {self.image_size}, {self.image_size}), got shape "
-                             f"{tuple(pixel_values.shape)}")
-        if num_frames not in (1, self.num_frames):
-            raise ValueError(f"got clips of {num_frames} frames: the learned position table is for {self.num_frames}-"
-                             "frame clips (mm_local_num_frames); pass single frames (T=1) or clips of that length")
+        """`(B, T, 3, S, S)` -> `(B, 1 + T * (S/p)^2, C)`, the CLS token first. T == 1 uses `img_pos_embed` (shapes
+        checked by the tower: `VisionTower.check_pixels`)."""
         patches = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype))
         hidden_states = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
-        hidden_states = hidden_states + (self.img_pos_embed if num_frames == 1 else self.pos_embed)
+        hidden_states = hidden_states + (self.img_pos_embed if pixel_values.shape[1] == 1 else self.pos_embed)
         for block in self.blocks:
             hidden_states = block(hidden_states)
         return hidden_states
@@ -124,4 +115,5 @@ class InternVideo2VisionTower(VisionTower):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(B, T, 3, S, S)` normalised pixels -> `(B, T * (S/p)^2, C)` patch features (the CLS token dropped)."""
+        self.check_pixels(pixel_values)
         return self.vision_tower(pixel_values)[:, 1:]

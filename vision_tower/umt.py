@@ -206,8 +206,6 @@ class UMTEncoder(nn.Module):
     def __init__(self, hidden_size: int, num_blocks: int, num_attention_heads: int, patch_size: int, image_size: int,
                  num_frames: int, mlp_ratio: float, attn_implementation: str):
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.hidden_size, self.image_size, self.num_frames = hidden_size, image_size, num_frames
         self.grid_size = image_size // patch_size
         self.patch_embed = UMTPatchEmbedding(hidden_size, patch_size)
@@ -235,17 +233,9 @@ class UMTEncoder(nn.Module):
         return self._position_tables[key]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(B, T, 3, S, S)` -> `(B, T * (S/p)^2, C)`. T == 1 uses the image table, T == num_frames the video one."""
-        if pixel_values.dim() != 5:
-            raise ValueError(f"pixel_values must be (batch, frames, 3, S, S), got shape {tuple(pixel_values.shape)}")
-        num_frames, height, width = pixel_values.shape[1], pixel_values.shape[-2], pixel_values.shape[-1]
-        if height != self.image_size or width != self.image_size:
-            raise ValueError(f"frames must be {self.image_size}x{self.image_size} pixels, got {height}x{width}")
-        if num_frames not in (1, self.num_frames):
-            raise ValueError(f"got clips of {num_frames} frames: the video position table is built for "
-                             f"{self.num_frames}-frame clips (mm_local_num_frames); pass single frames (T=1) or clips "
-                             "of exactly that length")
-        kind = "image" if num_frames == 1 else "video"
+        """`(B, T, 3, S, S)` -> `(B, T * (S/p)^2, C)`. T == 1 uses the image table, T == num_frames the video one
+        (shapes checked by the tower: `VisionTower.check_pixels`)."""
+        kind = "image" if pixel_values.shape[1] == 1 else "video"
         hidden_states = self.patch_embed(pixel_values)
         hidden_states = hidden_states + self.position_table(kind, hidden_states.device, hidden_states.dtype)
         for block in self.blocks:
@@ -282,7 +272,10 @@ class VisionTower(nn.Module):
                              f"{num_hidden_layers} layers), got {select_layer}")
         if num_frames < 1:
             raise ValueError(f"num_frames must be positive, got {num_frames}")
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self._check_attn_implementation(attn_implementation)
+        self.image_size, self.num_frames = image_size, num_frames
         self.hidden_size, self.num_blocks = hidden_size, num_blocks
         self.intermediate_size = int(hidden_size * mlp_ratio)
         self.num_patches_per_frame = (image_size // patch_size) ** 2
@@ -293,6 +286,18 @@ class VisionTower(nn.Module):
 
     def build_encoder(self, **encoder_kwargs) -> nn.Module:
         raise NotImplementedError
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        """Raise ValueError unless `pixel_values` is `(batch, T, 3, S, S)` with T = 1 (images) or `num_frames`
+        (clips: the position table is built for that length)."""
+        size = self.image_size
+        if pixel_values.dim() != 5 or tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(f"pixel_values must be (batch, frames, 3, {size}, {size}): {size}x{size} frames, got shape "
+                             f"{tuple(pixel_values.shape)}")
+        if pixel_values.shape[1] not in (1, self.num_frames):
+            raise ValueError(f"got clips of {pixel_values.shape[1]} frames: the position table is built for "
+                             f"{self.num_frames}-frame clips (mm_local_num_frames); pass single frames (T=1) or clips "
+                             "of exactly that length")
 
     @staticmethod
     def _check_attn_implementation(attn_implementation: str):
@@ -332,4 +337,5 @@ class UMTVisionTower(VisionTower):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(B, T, 3, S, S)` normalised pixels (T = 1: images, T = `num_frames`: clips) -> `(B, T * (S/p)^2, C)`
         features ordered (frame, row, column). Raises ValueError for other shapes."""
+        self.check_pixels(pixel_values)
         return self.vision_tower(pixel_values)
