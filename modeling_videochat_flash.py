@@ -14,7 +14,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2DecoderLayer,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
@@ -30,6 +35,58 @@ from .vision_tower.umt import UMTVisionTower
 # of a last-level cache: larger calls spill it (UMT-L float32 at 224 px: 8 clips per call 6% slower than 2), much
 # smaller ones pay per-call overhead (the tiny test tower: 2 clips per call 1.7x slower than 16).
 CPU_TOWER_CALL_BYTES = 32 * 1024**2
+# Rows per piece when a decoder layer runs a long sequence in pieces (`VideoChatFlashDecoderLayer`); 8192 rows of a
+# 7B model's MLP activation are ~300 MB in bf16, small beside what a whole 10,000-frame sequence would hold.
+DECODER_CHUNK_TOKENS = 8192
+
+
+class VideoChatFlashDecoderLayer(Qwen2DecoderLayer):
+    """transformers' Qwen2 decoder layer (same weights, same math), lean on memory for long sequences.
+
+    A layer over `L` tokens holds about eight `(L, hidden)` activations at once (norm, q, k, v, the rotary
+    temporaries, attention output, its projection, the residual sum) plus the MLP's `(L, intermediate)`: at 10,000
+    frames (160K tokens) these, not the weights, set the peak. When `chunk_tokens` is given, inference runs sdpa's
+    causal path (no mask: no padding, no past) and the sequence is longer, the norms, projections, rotary embedding
+    and MLP run over `chunk_tokens` rows at a time into preallocated tensors, and attention once over the whole
+    sequence (sdpa's flash kernel does not materialise the scores): q, k, v and one output at the peak.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, chunk_tokens=None, **kwargs):
+        attention = self.self_attn
+        if (chunk_tokens is None or hidden_states.shape[1] <= chunk_tokens or attention_mask is not None
+                or attention.config._attn_implementation != "sdpa" or attention.sliding_window is not None
+                or torch.is_grad_enabled() or kwargs.get("output_attentions")):
+            return super().forward(hidden_states, attention_mask=attention_mask,
+                                   position_embeddings=position_embeddings, **kwargs)
+        return self._forward_in_pieces(hidden_states, position_embeddings, chunk_tokens, kwargs.get(CACHE_KWARG))
+
+    def _forward_in_pieces(self, hidden_states, position_embeddings, chunk_tokens, cache):
+        attention, (cos, sin) = self.self_attn, position_embeddings
+        batch, length, hidden_size = hidden_states.shape
+        pieces = [slice(start, start + chunk_tokens) for start in range(0, length, chunk_tokens)]
+
+        def heads(projection, x):  # (batch, rows, heads * head_dim) -> (batch, heads, rows, head_dim)
+            return projection(x).view(batch, x.shape[1], -1, attention.head_dim).transpose(1, 2)
+
+        query = hidden_states.new_empty(batch, attention.config.num_attention_heads, length, attention.head_dim)
+        key = hidden_states.new_empty(batch, attention.config.num_key_value_heads, length, attention.head_dim)
+        value = torch.empty_like(key)
+        for piece in pieces:
+            x = self.input_layernorm(hidden_states[:, piece])
+            query[:, :, piece], key[:, :, piece] = apply_rotary_pos_emb(
+                heads(attention.q_proj, x), heads(attention.k_proj, x), cos[:, piece], sin[:, piece])
+            value[:, :, piece] = heads(attention.v_proj, x)
+        if cache is not None:
+            key, value = cache.update(key, value, attention.layer_idx)
+        context = nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                             scale=attention.scaling, enable_gqa=True)
+        del query, key, value
+        output = torch.empty_like(hidden_states)
+        for piece in pieces:
+            residual = hidden_states[:, piece] + attention.o_proj(
+                context[:, :, piece].transpose(1, 2).reshape(batch, -1, hidden_size))
+            output[:, piece] = residual + self.mlp(self.post_attention_layernorm(residual))
+        return output
 
 
 @dataclass
@@ -104,7 +161,7 @@ class VideoChatFlashPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2DecoderLayer", "UMTVisionTower", "InternVideo2VisionTower"]
+    _no_split_modules = ["VideoChatFlashDecoderLayer", "UMTVisionTower", "InternVideo2VisionTower"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -148,7 +205,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         if config.mm_llm_compress:  # before any weights load (the model card's way, switched on later, is checked then)
             config.validate_token_dropping()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([Qwen2DecoderLayer(config, index) for index in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([VideoChatFlashDecoderLayer(config, index) for index in range(config.num_hidden_layers)])
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
         vision = config.vision_config
@@ -165,6 +222,9 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         # Clips encoded per vision-tower call (None: `clips_per_tower_call` picks by device). Bounds activation memory
         # on long videos without changing results.
         self.vision_clips_per_batch: int | None = None
+        # Decoder layers run sequences longer than this in pieces of this many rows (None: never); bounds activation
+        # memory on thousands of frames without changing results.
+        self.decoder_chunk_tokens: int | None = DECODER_CHUNK_TOKENS
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------ vision
@@ -423,7 +483,8 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
             all_hidden_states += (hidden_states,) if output_hidden_states else ()
             hidden_states = decoder_layer(
                 hidden_states, attention_mask=layer_mask, position_ids=positions, use_cache=use_cache,
-                position_embeddings=position_embeddings, **{CACHE_KWARG: cache}, **kwargs)
+                position_embeddings=position_embeddings, chunk_tokens=self.decoder_chunk_tokens, **{CACHE_KWARG: cache},
+                **kwargs)
             if layer_index + 1 not in stage_layers:
                 continue
             stage = stage_layers.index(layer_index + 1) + 1

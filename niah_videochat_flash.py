@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 # torch, transformers and the decoders are imported by the functions that need them, so that the CLI checks its
 # options, the haystack and the needles file in a moment, before anything heavy loads.
-__all__ = ["YARN_X4", "NIAHSettings", "Needle", "answer_logits", "check_haystack", "chunked_mlps", "encode_needle",
+__all__ = ["YARN_X4", "NIAHSettings", "Needle", "answer_logits", "check_haystack", "encode_needle",
            "haystack_tokens", "insertion_frames", "is_correct", "load_needles", "plot_heatmap", "prompt_ids", "run_niah",
            "splice"]
 
@@ -53,10 +53,8 @@ class NIAHSettings:
     original: 1); None: ``max(frames)`` frames spread evenly over the video. ``repeat_above``: the original's trick
     for 10,000 frames (7,500 there): a grid longer than this encodes half as many frames and repeats them.
     ``rope_scaling`` (e.g. :data:`YARN_X4`) and ``token_dropping`` (the checkpoint's in-LLM dropping; off in the
-    original) apply during the run only. ``mlp_chunk_tokens``: each decoder MLP runs over at most this many positions
-    at a time (it is position-wise, so results are unchanged; transformers' ``apply_chunking_to_forward`` idea), which
-    caps its intermediate activations on 160K-token prompts (None: whole sequences). ``cache_dir``: haystack cache
-    (default: the package's cache dir / niah)."""
+    original) apply during the run only (the decoder's own ``decoder_chunk_tokens`` keeps a 160K-token cell's
+    activations small). ``cache_dir``: haystack cache (default: the package's cache dir / niah)."""
 
     frames: tuple[int, ...] = tuple(range(1000, 10001, 1000))
     depths: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -64,7 +62,6 @@ class NIAHSettings:
     repeat_above: int | None = None
     rope_scaling: dict | None = None
     token_dropping: bool = False
-    mlp_chunk_tokens: int | None = 8192
     cache_dir: str | None = None
     clips_per_chunk: int = 8
 
@@ -77,9 +74,8 @@ class NIAHSettings:
             raise ValueError(f"depths must be fractions in [0, 1], got {self.depths}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be > 0 (or None), got {self.fps}")
-        for name in ("repeat_above", "mlp_chunk_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive count (or None), got {getattr(self, name)}")
+        if self.repeat_above is not None and self.repeat_above <= 0:
+            raise ValueError(f"repeat_above must be a positive count (or None), got {self.repeat_above}")
 
 
 @dataclass(frozen=True)
@@ -297,38 +293,8 @@ def is_correct(tokenizer, predicted: list[int], answer: list[int]) -> tuple[str,
 
 # ---------------------------------------------------------------------------------------------------- the grid
 @contextlib.contextmanager
-def chunked_mlps(model, chunk_tokens: int | None):
-    """Within the block, each decoder layer's MLP runs over `chunk_tokens` positions at a time, into one output
-    tensor (whatever wraps its forward, e.g. accelerate's device hooks, is kept and restored)."""
-    mlps = [layer.mlp for layer in model.model.layers] if chunk_tokens else []
-    saved = [mlp.__dict__.get("forward") for mlp in mlps]
-
-    def chunked(forward):
-        def run(x):
-            if x.shape[-2] <= chunk_tokens:
-                return forward(x)
-            out = None
-            for start in range(0, x.shape[-2], chunk_tokens):
-                part = forward(x[..., start : start + chunk_tokens, :])
-                out = part.new_empty((*x.shape[:-1], part.shape[-1])) if out is None else out
-                out[..., start : start + part.shape[-2], :] = part
-            return out
-        return run
-
-    try:
-        for mlp in mlps:
-            mlp.forward = chunked(mlp.forward)
-        yield
-    finally:
-        for mlp, forward in zip(mlps, saved):
-            del mlp.forward
-            if forward is not None:
-                mlp.forward = forward
-
-
-@contextlib.contextmanager
 def _run_options(model, settings: NIAHSettings):
-    """The run's rope scaling, token dropping and MLP chunking on the model, the model's own restored afterwards."""
+    """The run's rope scaling and token dropping on the model, the model's own restored afterwards."""
     config = model.config
     rope, dropping = dict(config.rope_parameters), config.mm_llm_compress
     try:
@@ -337,8 +303,7 @@ def _run_options(model, settings: NIAHSettings):
         config.mm_llm_compress = settings.token_dropping
         if settings.token_dropping:
             config.validate_token_dropping()
-        with chunked_mlps(model, settings.mlp_chunk_tokens):
-            yield
+        yield
     finally:
         config.mm_llm_compress = dropping
         if settings.rope_scaling is not None:

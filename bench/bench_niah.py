@@ -7,7 +7,7 @@ cell). Peak RSS is the kernel's high-water mark of the process (VmHWM); "cells o
 it was reset (``/proc/self/clear_refs``) once the haystack was encoded. Ratios are printed last.
 
     python bench/bench_niah.py [--frames 1000 5000 10000] [--depths 0.5] [--dtype float32|bfloat16]
-                               [--mlp-chunk-tokens 8192] [--clips-per-chunk 8]
+                               [--decoder-chunk-tokens 8192] [--clips-per-chunk 8]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _status_kb(field: str) -> int:
 
 
 def child(frames: int, depths: list[float], clips_per_chunk: int, video: str, dtype: str,
-          mlp_chunk_tokens: int) -> dict:
+          decoder_chunk_tokens: int) -> dict:
     import numpy as np
     import torch
     from PIL import Image
@@ -72,8 +72,9 @@ def child(frames: int, depths: list[float], clips_per_chunk: int, video: str, dt
     (work / "needles.json").write_text(json.dumps([{"question": "Find the red frame. Best option: (", "answer": "A",
                                                     "image": "needle.png"}]))
     model, processor = build_tiny_model().to(getattr(torch, dtype)), tiny_processor()
+    model.model.decoder_chunk_tokens = decoder_chunk_tokens or None
     settings = niah.NIAHSettings(frames=(frames,), depths=tuple(depths), cache_dir=str(work / "cache"),
-                                 clips_per_chunk=clips_per_chunk, mlp_chunk_tokens=mlp_chunk_tokens or None)
+                                 clips_per_chunk=clips_per_chunk)
     setup_kb = _status_kb("VmRSS")
     start = time.perf_counter()
     tokens = niah.haystack_tokens(model, processor, video, settings)
@@ -100,23 +101,26 @@ def main() -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.5])
     parser.add_argument("--clips-per-chunk", type=int, default=8)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--mlp-chunk-tokens", type=int, default=8192, help="0: MLPs over whole sequences")
+    parser.add_argument("--decoder-chunk-tokens", type=int, default=8192,
+                        help="the model's decoder_chunk_tokens (0: whole decoder layers)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--video", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(child(args.child, args.depths, args.clips_per_chunk, args.video, args.dtype,
-                              args.mlp_chunk_tokens)))
+                              args.decoder_chunk_tokens)))
         return
     video = haystack_video(max(args.frames))
-    print(f"haystack {video}; tiny model in {args.dtype}, MLP chunks of {args.mlp_chunk_tokens or 'all'} tokens; one "
-          "process per length", flush=True)
+    pieces = args.decoder_chunk_tokens or "all"
+    print(f"haystack {video}; tiny model in {args.dtype}, decoder layers in pieces of {pieces} tokens; one process "
+          "per length", flush=True)
     print(f"{'frames':>7} {'tokens':>8} {'encode s':>9} {'s/cell':>8} {'setup MB':>9} {'encode peak':>12} "
           f"{'cells peak':>11} {'peak MB':>8}")
     rows = []
     for frames in args.frames:
         command = [sys.executable, __file__, "--child", str(frames), "--video", video, "--clips-per-chunk",
-                   str(args.clips_per_chunk), "--dtype", args.dtype, "--mlp-chunk-tokens", str(args.mlp_chunk_tokens),
+                   str(args.clips_per_chunk), "--dtype", args.dtype, "--decoder-chunk-tokens",
+                   str(args.decoder_chunk_tokens),
                    "--depths", *map(str, args.depths)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         row = json.loads(output.strip().splitlines()[-1])

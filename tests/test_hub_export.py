@@ -265,8 +265,9 @@ def test_unknown_models_give_one_line_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the shipped code
 def test_hub_code_is_small_flat_and_acyclic(exported):
-    """The .py files of a Hub folder: at most 3,600 lines (3,000 when one path per concept was set up; image tiles,
-    the InternVideo2 tower, placeholder ids from the tokenizer, segments / frame folders / GIFs added ~550), no
+    """The .py files of a Hub folder: at most 3,650 lines (3,000 when one path per concept was set up; image tiles,
+    the InternVideo2 tower, placeholder ids from the tokenizer, segments / frame folders / GIFs added ~550, decoder
+    layers in pieces for long sequences ~65), no
     function over 80 lines, flat single-dot relative imports of sibling files only; and no import cycle among this
     package's modules."""
     import ast
@@ -283,7 +284,7 @@ def test_hub_code_is_small_flat_and_acyclic(exported):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1 and (exported["folder"] / f"{node.module}.py").is_file(), (path.name, node.module)
     print(f"\nHub code: {sum(lengths.values())} lines in {len(files)} files; longest function {max(longest)}")
-    assert sum(lengths.values()) <= 3600, lengths
+    assert sum(lengths.values()) <= 3650, lengths
     assert max(longest)[0] <= 80, sorted(longest)[-5:]
 
     graph = {}  # each module of the package (dotted, relative to the repo root) -> the package modules it imports

@@ -251,6 +251,46 @@ def test_bfloat16_forward_on_cpu():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("dropping", [False, True])
+def test_long_sequences_run_decoder_layers_in_pieces_with_the_same_results(dropping, monkeypatch):
+    """Decoder layers over sequences longer than `decoder_chunk_tokens` run in pieces (norms, projections, rotary,
+    MLP) around one whole-sequence attention: the same logits (uncached, and generate's cached prefill) and greedy
+    ids as whole layers, with and without token dropping; padded batches and eager attention keep the whole path."""
+    from videochat_flash.modeling_videochat_flash import VideoChatFlashDecoderLayer
+
+    model = build_tiny_model(seed=3, mm_llm_compress=dropping)
+    ids, frames = make_sample(16, 5, 9, seed=4)  # 270 tokens
+    pieces, real = [], VideoChatFlashDecoderLayer._forward_in_pieces
+    monkeypatch.setattr(VideoChatFlashDecoderLayer, "_forward_in_pieces",
+                        lambda self, x, *args: pieces.append(x.shape[1]) or real(self, x, *args))
+
+    def run(chunk_tokens):
+        model.model.decoder_chunk_tokens = chunk_tokens
+        with torch.no_grad():
+            logits = model(ids[None], pixel_values_videos=[frames], use_cache=False).logits[0]
+            greedy = model.generate(ids[None], pixel_values_videos=[frames], max_new_tokens=8, do_sample=False)
+        return logits, greedy[0, len(ids):].tolist()
+
+    whole_logits, whole_ids = run(None)
+    assert not pieces
+    chunked_logits, chunked_ids = run(37)
+    worst = (chunked_logits - whole_logits).abs().max().item()
+    print(f"\nlayers in 37-row pieces (dropping {dropping}): logits max |diff| {worst:.2g}; piece-run layers "
+          f"{len(pieces)} over {sorted(set(pieces))} rows")
+    assert worst < 1e-5 and chunked_ids == whole_ids
+    assert len(pieces) == 2 * model.config.num_hidden_layers  # every layer, uncached and in generate's prefill
+    pieces.clear()
+    ids_batch, mask = left_pad([ids, ids[3:]])
+    with torch.no_grad():
+        model(ids_batch, attention_mask=mask, pixel_values_videos=[frames, frames], use_cache=False)
+        model.config._attn_implementation = "eager"
+        try:
+            model(ids[None], pixel_values_videos=[frames], use_cache=False)
+        finally:
+            model.config._attn_implementation = "sdpa"
+    assert not pieces
+
+
 def _loss_and_grads(model, ids, frames, labels):
     model.zero_grad()
     loss = model(ids[None], pixel_values_videos=[frames], labels=labels[None]).loss

@@ -194,34 +194,13 @@ def test_run_options_are_restored(model, processor, media, monkeypatch):
     real = niah.answer_logits
 
     def spy(model_, *args, **kwargs):
-        seen.append((model_.config.rope_parameters["rope_type"], model_.config.mm_llm_compress,
-                     "forward" in vars(model_.model.layers[0].mlp)))
+        seen.append((model_.config.rope_parameters["rope_type"], model_.config.mm_llm_compress))
         return real(model_, *args, **kwargs)
 
     monkeypatch.setattr(niah, "answer_logits", spy)
     niah.run_niah(model, processor, media["video"], media["single"], media["root"] / "yarn", settings)
-    assert set(seen) == {("yarn", True, True)}
+    assert set(seen) == {("yarn", True)}
     assert dict(model.config.rope_parameters) == before and model.config.mm_llm_compress is False
-    assert not any("forward" in vars(layer.mlp) for layer in model.model.layers)
-
-
-def test_chunked_mlps_change_nothing_and_keep_wrappers(model, processor):
-    """MLPs over 100-token chunks give the logits of whole sequences; a forward wrapper already on a module (as
-    accelerate's device hooks put there) is what runs per chunk, and it is back afterwards."""
-    before, after = niah.prompt_ids(processor, "Q? (")
-    visual = [torch.randn(16 * 40, 64, generator=torch.Generator().manual_seed(0))]
-    whole = niah.answer_logits(model, before, visual, after, [65, 66])
-    mlp, calls = model.model.layers[1].mlp, []
-    wrapper = lambda x, forward=mlp.forward: calls.append(x.shape[1]) or forward(x)
-    mlp.forward = wrapper
-    try:
-        with niah.chunked_mlps(model, 100):
-            chunked = niah.answer_logits(model, before, visual, after, [65, 66])
-        assert mlp.forward is wrapper
-    finally:
-        del mlp.forward
-    assert max(calls) == 100 and sum(calls) == len(before) + 640 + len(after) + 2
-    assert (chunked - whole).abs().max().item() < 1e-5
 
 
 def test_without_matplotlib_json_is_written_and_the_png_is_not(model, processor, media, monkeypatch):
@@ -268,7 +247,7 @@ def test_needles_files_are_checked(media, tmp_path):
         (tmp_path / "n.json").write_text(text)
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             niah.load_needles(tmp_path / "n.json")
-    for bad in ({"frames": (0,)}, {"depths": (1.5,)}, {"fps": 0}, {"repeat_above": 0}, {"mlp_chunk_tokens": 0}):
+    for bad in ({"frames": (0,)}, {"depths": (1.5,)}, {"fps": 0}, {"repeat_above": 0}):
         with pytest.raises(ValueError):
             niah.NIAHSettings(**bad)
 
