@@ -2,6 +2,7 @@
 
     videochat-flash train configs/train_lora.yaml
     python -m videochat_flash.training_videochat_flash configs/train_stage3.yaml
+    torchrun --nproc_per_node 2 -m videochat_flash.training_videochat_flash CONFIG.yaml          # DDP
     accelerate launch --config_file configs/fsdp.yaml -m videochat_flash.training_videochat_flash CONFIG.yaml
 
 A config is one flat YAML (or JSON) mapping of the fields of :class:`ModelArguments`, :class:`DataArguments` and
@@ -11,10 +12,16 @@ win. Unknown fields are refused (with the nearest field name); quoted numbers an
 Data, prompts and labels: :mod:`data_videochat_flash`; the data file, every record and its media files are checked
 before the model loads (``check_data``). Saves (checkpoints included) load with
 ``AutoModel.from_pretrained(..., trust_remote_code=True)`` under the original key names.
+
+Several processes (torchrun, accelerate launch): DDP by default, FSDP2 with ``fsdp: true`` + ``fsdp_config`` in the
+config or with an accelerate FSDP config; on CPU processes too (gloo), where accelerate by itself would silently fall
+back to DDP (:meth:`VideoChatFlashTrainer.create_accelerator_and_postprocess`). Only the main process logs, draws
+progress bars and saves. What FSDP cannot run is refused before the first step (:func:`check_fsdp_support`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import difflib
 import json
@@ -32,6 +39,7 @@ from .data_videochat_flash import VideoChatFlashDataCollator, VideoChatFlashTrai
 from .frame_sampling import CLIP_FRAMES, FrameSampling
 from .hub_export import make_hub_loadable, resolve_model
 from .processing_videochat_flash import DEFAULT_SYSTEM_PROMPT
+from .token_dropping import stage_drop_type
 
 MODEL_PARTS = ("vision_tower", "projector", "llm")
 # LoRA on the Qwen2 attention and MLP projections only: a full-match regex anchored on `model.layers.N.`, so the
@@ -166,7 +174,9 @@ def parse_config(config, **overrides) -> tuple[ModelArguments, DataArguments, Tr
         raise ValueError(f"the training config needs {', '.join(missing)}")
     if values.get("stage") is not None and values["stage"] not in STAGE_PRESETS:
         raise ValueError(f"unknown stage {values['stage']!r}: choose from {sorted(STAGE_PRESETS)}")
-    values = {"report_to": "none", "logging_steps": 1, **STAGE_PRESETS.get(values.get("stage"), {}), **values}
+    # Replicas log errors only: the main process shows every warning they would repeat.
+    values = {"report_to": "none", "logging_steps": 1, "log_level_replica": "error",
+              **STAGE_PRESETS.get(values.get("stage"), {}), **values}
     values["remove_unused_columns"] = False  # the collator, not the Trainer, decides what the model gets
     for key in ("bf16", "tf32"):  # "auto": on where the hardware has it
         if values.get(key) == "auto":
@@ -309,6 +319,37 @@ class VideoChatFlashTrainer(Trainer):
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if fsdp_requested(self.args) and not self.is_fsdp_enabled:
+            self._enable_fsdp2_on_cpu()
+
+    def _enable_fsdp2_on_cpu(self) -> None:
+        """accelerate (1.15) enables FSDP on GPU-like devices only: on CPU processes it keeps its FSDP plugin aside and
+        wraps the model in DDP, silently. torch's ``fully_shard`` (FSDP2) does run on CPU with gloo, so the plugin is
+        installed where accelerate would have installed it; accelerate's own FSDP2 code then shards, gathers and
+        saves as on GPUs."""
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.NO:
+            raise ValueError("FSDP shards over several processes: launch with torchrun or accelerate launch")
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            raise RuntimeError(f"FSDP was asked for, but accelerate set up {state.distributed_type} without it")
+        plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))  # else from accelerate's env
+        if plugin.fsdp_version != 2:
+            raise ValueError("FSDP on CPU processes needs fsdp_version 2 (torch's fully_shard); FSDP1 needs GPUs")
+        if plugin.activation_checkpointing and self.args.activation_checkpointing:  # as the Trainer checks on GPUs
+            raise ValueError("fsdp_config activation_checkpointing and the activation_checkpointing training "
+                             "argument can't both be true: choose one")
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+        # as AcceleratorState.__init__ ends: every later AcceleratorState() copies the PartialState's type back
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save and (Path(output_dir or self.args.output_dir) / "config.json").is_file():
@@ -343,15 +384,75 @@ def _without_zero3(args: TrainingArguments):
             set_hf_deepspeed_config(args.hf_deepspeed_config)
 
 
+# ---------------------------------------------------------------------------------------------------- processes
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """FSDP asked for by the config (``fsdp`` / ``fsdp_config``) or by ``accelerate launch`` with an FSDP config."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def text_only_records(records: list) -> int:
+    """How many records have no video and no image: their steps leave the vision tower and projector unused."""
+    return sum(1 for record in records if record.get("video") is None and record.get("image") is None)
+
+
+def check_fsdp_support(records: list, model_config) -> None:
+    """Refuse, before the first step, what FSDP cannot run (it would fail or hang mid-run). Every rank must run the
+    same sharded modules in the same order, so a text-only sample (no vision tower on that rank) cannot be mixed in;
+    attention-ranked token dropping calls the next decoder layer's norm and q/k projections outside that layer's
+    forward, where FSDP2 holds their weights sharded. Uniform dropping and gradient checkpointing are fine."""
+    if text_only_records(records):
+        raise ValueError(f"FSDP: {text_only_records(records)} of {len(records)} training records have no video or "
+                         "image; their steps would skip the vision tower on one rank while the others run it (FSDP "
+                         "gathers its shards together). Train them with DDP, or leave them out")
+    layers = getattr(model_config, "llm_compress_layer_list", None) or []
+    attention_stages = [stage for stage in range(1, len(layers) + 1)
+                        if stage_drop_type(model_config.llm_compress_type, stage) == "attention"]
+    if getattr(model_config, "mm_llm_compress", False) and attention_stages:
+        raise ValueError(f"FSDP: in-LLM token dropping with llm_compress_type={model_config.llm_compress_type!r} "
+                         f"ranks tokens by attention (stages {attention_stages}) through the next decoder layer's q/k "
+                         "projections outside its forward, where FSDP holds them sharded. Use DDP or DeepSpeed, "
+                         "llm_compress_type 'uniform', or mm_llm_compress false")
+
+
+def _main_process_output_only(args: TrainingArguments) -> None:
+    """Logs and progress bars (weight loading, saving) from the main process only; replicas log at
+    ``log_level_replica`` (errors, by parse_config's default). The Trainer's progress bar follows the main process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity(args.get_process_log_level())
+    if not args.should_log:
+        hf_logging.disable_progress_bar()
+
+
+def _end_process_group_at_exit(started_here: bool) -> None:
+    """The process group that this run started (torchrun / accelerate launch, through the TrainingArguments) ends
+    when the process exits: a rank that exits with a live gloo group can abort in its teardown."""
+    if started_here and torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------------- the run
-def run_training(config, **overrides) -> VideoChatFlashTrainer:
-    """Train from a config file or mapping (`overrides` are extra fields); returns the trainer after training."""
+def run_training(config, *, callbacks=None, **overrides) -> VideoChatFlashTrainer:
+    """Train from a config file or mapping (`overrides` are extra fields, `callbacks` extra ``TrainerCallback``s);
+    returns the trainer after training. Under torchrun / accelerate launch every process calls it."""
+    group_existed = torch.distributed.is_available() and torch.distributed.is_initialized()
     model_args, data_args, training_args = parse_config(config, **overrides)
+    _end_process_group_at_exit(started_here=not group_existed)
+    _main_process_output_only(training_args)
     records = load_records(data_args.train_data, data_args.data_root, training_args.seed)  # data errors come first
     if data_args.check_data:
         records = check_records(records, skip_bad=data_args.skip_bad_samples)
+    if training_args.ddp_find_unused_parameters is None:  # DDP: only text-only steps leave parameters unused
+        training_args.ddp_find_unused_parameters = text_only_records(records) > 0
     set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)  # after TrainingArguments: ZeRO-3 needs them first
+    if fsdp_requested(training_args):
+        check_fsdp_support(records, model.config)
     model.config.use_cache = False
     model = apply_lora(model, model_args) if model_args.use_lora else model
     if not model_args.use_lora:
@@ -367,7 +468,7 @@ def run_training(config, **overrides) -> VideoChatFlashTrainer:
         skip_bad_samples=data_args.skip_bad_samples)
     trainer = VideoChatFlashTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=processor,
-        data_collator=VideoChatFlashDataCollator(processor.tokenizer.pad_token_id),
+        data_collator=VideoChatFlashDataCollator(processor.tokenizer.pad_token_id), callbacks=callbacks,
         vision_tower_lr=model_args.vision_tower_lr, projector_lr=model_args.projector_lr)
     resume = training_args.resume_from_checkpoint
     if str(resume).lower() in ("true", "latest"):

@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
 
-    train = commands.add_parser("train", help="fine-tune from a YAML/JSON config")
+    train = commands.add_parser("train", help="fine-tune from a YAML/JSON config (several processes: under torchrun "
+                                              "or accelerate launch, -m videochat_flash.videochat_flash_cli train)")
     train.add_argument("config")
     _niah_parser(commands)
     return parser

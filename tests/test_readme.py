@@ -116,7 +116,8 @@ def test_demo_script_answers_with_the_tiny_model(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "demo" / "sample.mp4").exists()
-    lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("sample video:") and len(lines) == 2 and lines[1].strip()
+    # Third-party libraries may log to stdout (DeepSpeed, when installed, announces its accelerator on import).
+    lines = [line for line in result.stdout.strip().splitlines() if not line.startswith("[20")]
+    assert lines[0].startswith("sample video:") and len(lines) == 2 and lines[1].strip(), result.stdout
     assert "RANDOM" in result.stderr
     print(f"\ndemo (no install) answered {lines[1]!r} in {time.perf_counter() - start:.1f} s")
