@@ -22,6 +22,9 @@ TINY_TEXT = {
     "tie_word_embeddings": False,
     "initializer_range": 0.1,  # wider than the default so random logits have clear greedy margins
 }
+# vLLM's CPU attention takes head sizes of 32 and up, not the tiny LLM's 16: the vLLM checks use the tiny model with
+# these overrides (a 128-wide LLM of 4 heads), exported as any tiny folder.
+TINY_VLLM_TEXT = {"hidden_size": 128, "intermediate_size": 256}
 TINY_VISION = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "patch_size": 16, "image_size": 128}
 # Byte-level tokenizer: 256 bytes + <|endoftext|>, <|im_start|>, <|im_end|>, then the two placeholders.
 TINY_SPECIAL_IDS = {"pad_token_id": 256, "bos_token_id": 256, "eos_token_id": 258, "video_token_id": 259,
