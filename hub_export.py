@@ -7,14 +7,17 @@ A Hub folder holds everything ``from_pretrained(..., trust_remote_code=True)`` n
   ``custom_pipelines["video-text-to-text"]``;
 * ``generation_config.json`` (eos = ``<|im_end|>``, pad), sharded ``*.safetensors`` (+ index);
 * the processor files (``processor_config.json``, tokenizer files, ``chat_template.jinja``);
-* the code files, flat (see :data:`CODE_FILES`), and a model card ``README.md``.
+* the code files, flat (see :data:`CODE_FILES`), and a model card ``README.md``;
+* the deploy files (:data:`DEPLOY_FILES`, not remote code): ``handler.py`` (an Inference Endpoints handler),
+  ``app.py`` (a Gradio demo, for Spaces) and the ``requirements.txt`` both need beyond those images.
 
 transformers' dynamic-module loader copies only files that the entry file reaches through single-dot relative
 imports of sibling files (``from .name import X`` -> ``name.py``), so the ``vision_tower/`` package is flattened into
 ``vision_tower_<module>.py`` files, their imports rewritten to match (:func:`flat_source`).
 
 Functions: :func:`export_hub_folder`, :func:`convert_original_checkpoint`, :func:`make_tiny_folder`,
-:func:`resolve_model` (a folder, a Hub id or ``"tiny"`` -> a loadable folder) and :func:`copy_code_files`.
+:func:`resolve_model` (a folder, a Hub id or ``"tiny"`` -> a loadable folder), :func:`copy_code_files` and
+:func:`write_deploy_files`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,15 @@ CODE_FILES = {
     "frame_sampling.py": "frame_sampling.py",
     "pipeline_videochat_flash.py": "pipeline_videochat_flash.py",
 }
+
+# Beside the remote code, for running a folder where users do (not loaded by from_pretrained): source -> name
+DEPLOY_FILES = {"handler.py": "handler.py", "app.py": "app.py"}
+# What the Inference Endpoints image lacks for the remote code (transformers 5, PyAV); torch and Pillow for Spaces
+DEPLOY_REQUIREMENTS = """torch>=2.5
+transformers>=5.20,<6
+av>=14
+pillow
+"""
 
 DEFAULT_MODEL_ID = "OpenGVLab/VideoChat-Flash-Qwen2_5-2B_res448"
 # The published checkpoints' model_type and class names (aliases of ours), so that tools which key on them (e.g.
@@ -95,10 +107,19 @@ def copy_code_files(destination) -> list[str]:
     return list(CODE_FILES.values())
 
 
+def write_deploy_files(destination) -> list[str]:
+    """Write ``handler.py``, ``app.py`` and ``requirements.txt`` into `destination`; returns the names."""
+    destination = Path(destination)
+    for source, name in DEPLOY_FILES.items():
+        shutil.copyfile(REPO_ROOT / source, destination / name)
+    (destination / "requirements.txt").write_text(DEPLOY_REQUIREMENTS)
+    return [*DEPLOY_FILES.values(), "requirements.txt"]
+
+
 def code_fingerprint() -> str:
-    """Short hash of the code files (cache folders built from this code are keyed on it)."""
+    """Short hash of the code and deploy files (cache folders built from this code are keyed on it)."""
     digest = hashlib.sha256()
-    for source in sorted(CODE_FILES) + ["tiny_model.py", "hub_export.py"]:
+    for source in sorted(CODE_FILES) + sorted(DEPLOY_FILES) + ["tiny_model.py", "hub_export.py"]:
         path = REPO_ROOT / source
         digest.update(source.encode())
         digest.update(path.read_bytes() if path.exists() else b"")
@@ -216,14 +237,24 @@ from transformers import pipeline
 pipe = pipeline("video-text-to-text", model=model_id, trust_remote_code=True)
 print(pipe("video.mp4", "Describe the video.", max_new_tokens=256)[0]["generated_text"])
 ```
+
+Videos and images may be paths, http(s) URLs, `data:` URLs, bytes or file objects everywhere.
+
+## Deploy
+
+`handler.py` is an Inference Endpoints custom handler: it answers `{{"inputs": {{"video": URL | data URL | base64,
+"text": "..."}}, "parameters": {{"max_new_tokens": 128}}}}` with `[{{"generated_text": "..."}}]`. `app.py` is a Gradio
+demo (`pip install gradio && python app.py` here, or a Gradio Space with `app.py`, `requirements.txt` and the
+variable `MODEL_ID` set to this repository). `requirements.txt` holds what both need beyond those images.
 """
     return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
 def make_hub_loadable(folder, processor, generation_overrides: dict | None = None) -> None:
     """Turn a ``save_pretrained`` model folder into a Hub folder of this package: the processor files, the code
-    files, ``config.json``'s ``auto_map`` / ``custom_pipelines`` / placeholder ids, and ``generation_config.json``
-    (greedy, eos ``<|im_end|>``, on top of the folder's own). Used by export, convert and every training save."""
+    and deploy files, ``config.json``'s ``auto_map`` / ``custom_pipelines`` / placeholder ids, and
+    ``generation_config.json`` (greedy, eos ``<|im_end|>``, on top of the folder's own). Used by export, convert and
+    every training save."""
     from transformers import GenerationConfig
 
     folder = Path(folder)
@@ -231,6 +262,7 @@ def make_hub_loadable(folder, processor, generation_overrides: dict | None = Non
     ids = check_placeholder_ids(processor, config["vocab_size"])
     processor.save_pretrained(folder)
     copy_code_files(folder)  # after the processor, whose save copies (possibly other) module files
+    write_deploy_files(folder)
     _update_json(folder / "config.json", auto_map=dict(AUTO_MAP),
                  custom_pipelines=json.loads(json.dumps(CUSTOM_PIPELINES)),
                  architectures=[ARCHITECTURE], model_type=MODEL_TYPE, use_cache=True,

@@ -28,7 +28,8 @@ from transformers.video_utils import make_batched_videos
 
 from .configuration_videochat_flash import MEDIA_MARKER
 from .frame_sampling import FrameSampling, time_message
-from .video_loading import VideoSegment, iter_video_chunks, load_video, parse_size, resize_frame, rgb_frame
+from .video_loading import (VideoSegment, fetch_media, is_remote, iter_video_chunks, load_video, parse_size,
+                            resize_frame, rgb_frame)
 
 logger = logging.get_logger(__name__)
 
@@ -217,8 +218,14 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
     IGNORED_KWARGS = ("do_sample_frames", "do_convert_rgb", "device", "input_data_format", "data_format",
                       "default_to_square", "return_metadata", "time_message")
 
+    def fetch_images(self, images):
+        # URLs, data URLs, bytes and file objects through video_loading's one fetch (a size limit, errors naming them)
+        if isinstance(images, (list, tuple)):
+            return [self.fetch_images(image) for image in images]
+        return super().fetch_images(fetch_media(images) if is_remote(images) else images)
+
     def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
-        """Images (PIL, arrays, tensors, paths or URLs), one sample or a batch of samples (nested lists) ->
+        """Images (PIL, arrays, tensors, paths, URLs, bytes), one sample or a batch of samples (nested lists) ->
         ``pixel_values`` `(tiles, 3, S, S)` (each image's tiles in turn) and ``image_grids`` `(images, 2)`."""
         options = self._options(self.PIXEL_OPTIONS + self.TILE_OPTIONS, kwargs)
         mode, side, resolutions = self._tiling(options)
@@ -325,9 +332,10 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
         return metadata, (frames_to_pixels(chunk, **pixel_options) for chunk in chunks)
 
     def preprocess(self, videos, video_metadata=None, return_tensors=None, **kwargs) -> BatchFeature:
-        """Videos (paths, decoded frames, nested lists of them) -> ``pixel_values_videos``, ``video_frame_counts``
-        and ``video_metadata`` (one ``VideoLoadMetadata`` per video). Keyword overrides: any constructor option."""
-        videos = make_batched_videos(videos)
+        """Videos (paths, URLs, bytes, decoded frames, nested lists of them) -> ``pixel_values_videos``,
+        ``video_frame_counts`` and ``video_metadata`` (one ``VideoLoadMetadata`` per video). Keyword overrides: any
+        constructor option."""
+        videos = make_batched_videos(_fetched(videos))
         video_metadata = _per_video(video_metadata, len(videos))
         arrays, metadata = [], []
         for video, meta in zip(videos, video_metadata):
@@ -343,6 +351,14 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
         data = {"pixel_values_videos": pixels, "video_frame_counts": [len(a) for a in arrays]}
         return BatchFeature({**data, "video_metadata": metadata}, tensor_type=return_tensors,
                             skip_tensor_conversion=["video_metadata"])
+
+
+def _fetched(videos):
+    """Videos (nested lists too) with bytes and file objects as local copies, which transformers' batching keeps
+    (URLs, strings, are fetched where they are read, their segments kept)."""
+    if isinstance(videos, (list, tuple)):
+        return [_fetched(video) for video in videos]
+    return fetch_media(videos) if is_remote(videos) and not isinstance(videos, str) else videos
 
 
 def _per_video(metadata, count: int) -> list:
@@ -495,6 +511,7 @@ class VideoChatFlashProcessor(ProcessorMixin):
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         images, text, videos, audio = super().prepare_inputs_layout(images, text, videos, audio, **kwargs)
+        videos = None if videos is None else _fetched(videos)  # before transformers' checks, which drop bytes
         if images is not None and text is not None:  # grouped by the sample whose text holds them: one image -> tiles
             flat, counts = make_flat_list_of_images(images), [sample.count(self.image_token) for sample in text]
             if sum(counts) == len(flat):  # (else validate_inputs says what is wrong)

@@ -2,17 +2,24 @@
 Stdlib, numpy and Pillow, shipped flat beside the Hub remote code; PyAV (the default) and decord 0.6.0 (the original's
 reader, used only on files the PyAV probe passes) are optional. ``backend=None`` continues with decord where PyAV
 fails (``UserWarning``); a forced backend never falls back. Both give the same frames for 8-bit video. Frame rate:
-the stream's average rate, else PyAV's guessed rate, frames / duration, 1.0. Rotation is not applied.
+the stream's average rate, else PyAV's guessed rate, frames / duration, 1.0. Rotation is not applied. URLs, data
+URLs, bytes and file objects are read from a local copy (:func:`fetch_media`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import re
+import tempfile
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
@@ -32,8 +39,9 @@ try:  # decord 0.6.0: optional. Never decord2, which returns wrong frames after 
 except ImportError:  # pragma: no cover - exercised only without decord
     decord = None
 
-__all__ = ["IMAGE_EXTENSIONS", "VideoLoadMetadata", "VideoReadError", "VideoSegment", "available_backends", "folder_frames",
-           "is_still_image", "iter_video_chunks", "load_video", "parse_size", "resize_frame", "rgb_frame"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_FETCH_BYTES", "FetchedMedia", "VideoLoadMetadata", "VideoReadError", "VideoSegment",
+           "available_backends", "fetch_media", "folder_frames", "is_remote", "is_still_image", "iter_video_chunks",
+           "load_video", "parse_size", "resize_frame", "rgb_frame"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _TIMEOUTS_S = (20.0, 20.0)  # PyAV interrupts opening, and each blocking read, after this: broken input must not hang
@@ -44,6 +52,9 @@ _SEEK_MIN_GAP = 16  # in seek mode, gaps of at most this many packets are read t
 _DECORD_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
 _DECORD_CODECS = ("h264", "vp8", "vp9", "mjpeg", "ffv1", "png", "rawvideo")
 _NONE_TS = np.iinfo(np.int64).min
+MAX_FETCH_BYTES = 2 << 30  # URLs, data URLs, bytes and file objects larger than this are refused (fetch_media)
+_FETCH_TIMEOUT_S = 30.0
+_FETCHED_IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # a local copy of one takes its suffix
 
 
 @dataclass
@@ -96,12 +107,14 @@ class VideoSegment(str):
     does. Either end may be None (the video's start / end)."""
 
     def __new__(cls, path, start: float | None = None, end: float | None = None):
+        path = fetch_media(path) if is_remote(path) and not isinstance(path, str) else path  # bytes have no path
         segment = super().__new__(cls, os.fspath(path))
-        segment.start, segment.end = start, end
+        segment.start, segment.end, segment.source = start, end, path  # (a local copy lives as long as its segment)
         return segment
 
     def __repr__(self) -> str:
-        return f"VideoSegment({str(self)!r}, start={self.start}, end={self.end})"
+        name = getattr(self.source, "source_name", repr(str(self)))  # a local copy: by its source
+        return f"VideoSegment({name}, start={self.start}, end={self.end})"
 
 
 FOLDER_FRAME = re.compile(r"_(\d+)\.(?:jpg|jpeg|png)$", re.IGNORECASE)
@@ -118,11 +131,97 @@ def folder_frames(path: str) -> list[str]:
 
 
 def is_still_image(media) -> bool:
-    """A still image rather than a video: a PIL image, an image file (by its extension), or a 3-D array / tensor
-    (one (H, W, 3) or (3, H, W) frame)."""
+    """A still image rather than a video: a PIL image, an image file (by its extension), a 3-D array / tensor (one
+    (H, W, 3) or (3, H, W) frame); a URL by its path's extension, a ``data:image/`` URL, bytes or a seekable file
+    object by its content. A GIF is a video."""
+    if isinstance(media, str) and media[:5].lower() == "data:":
+        return media[5:11].lower() == "image/" and media[11:14].lower() != "gif"
     if isinstance(media, (str, os.PathLike)):
-        return os.fspath(media).lower().endswith(IMAGE_EXTENSIONS)
+        path = urllib.parse.urlsplit(media).path if is_remote(media) else os.fspath(media)
+        return path.lower().endswith(IMAGE_EXTENSIONS)
+    if isinstance(media, (bytes, bytearray, memoryview)):
+        return _image_suffix(io.BytesIO(media)) not in ("", ".gif")
+    if hasattr(media, "read") and getattr(media, "seekable", lambda: False)():
+        position, suffix = media.tell(), _image_suffix(media)  # PIL reads from the start: put the file back
+        media.seek(position)
+        return suffix not in ("", ".gif")
     return isinstance(media, Image.Image) or getattr(media, "ndim", None) == 3
+
+
+def is_remote(source) -> bool:
+    """An http(s) or ``data:`` URL, bytes, or a binary file object: media read from a local copy (fetch_media)."""
+    if isinstance(source, str):
+        return source[:8].lower().startswith(("http://", "https://", "data:"))
+    return isinstance(source, (bytes, bytearray, memoryview)) or callable(getattr(source, "read", None))
+
+
+class FetchedMedia(str):
+    """A local copy of a remote source: a path (a ``str``) named in messages (``repr``) by its source. Its file is
+    removed once nothing refers to the copy: a lazy reader (a chunk iterator, metadata) keeps it while it needs it."""
+
+    def __new__(cls, path, source_name: str | None = None):
+        copy = super().__new__(cls, path)
+        copy.source_name = source_name or repr(str(path))
+        return copy
+
+    def __repr__(self) -> str:
+        return self.source_name
+
+
+def fetch_media(source) -> FetchedMedia:
+    """A local copy of a remote source (:func:`is_remote`): URLs read by urllib (30 s timeout), bytes and file objects
+    copied; at most :data:`MAX_FETCH_BYTES`. A PNG, JPEG, GIF, BMP, WebP or TIFF image gets its suffix, so that it
+    reads as that image (a GIF: as a video); videos need none. Failures: a one-line ``ValueError`` naming the source."""
+    name = _source_name(source)
+    handle, path = tempfile.mkstemp(prefix="videochat_flash_")
+    try:
+        with open(handle, "wb") as file, _open_source(source) as reader:
+            while block := reader.read(1 << 20):
+                if file.tell() + len(block) > MAX_FETCH_BYTES:
+                    raise ValueError(f"it is larger than video_loading.MAX_FETCH_BYTES ({MAX_FETCH_BYTES:,} bytes)")
+                file.write(block)
+        suffix = _image_suffix(path)
+        os.replace(path, path + suffix)  # (videos keep the bare name: PyAV reads their content)
+        path += suffix
+    except (OSError, ValueError, TypeError) as e:  # URLError, HTTPError, timeouts; bad base64; a text-mode file
+        _remove(path)
+        reason = e.reason if type(e) is urllib.error.URLError else _last_line(e)  # (an HTTPError says its status)
+        raise ValueError(f"cannot fetch {name}: {reason}") from None
+    copy = FetchedMedia(path, name)
+    weakref.finalize(copy, _remove, path)
+    return copy
+
+
+def _open_source(source):
+    if isinstance(source, str) and not is_remote(source):  # (urllib would read file:// URLs, for one)
+        raise ValueError("only http(s) and data: URLs are fetched")
+    if isinstance(source, str):
+        return urllib.request.urlopen(source, timeout=_FETCH_TIMEOUT_S)  # http(s); data: URLs are decoded by urllib
+    return contextlib.nullcontext(source) if hasattr(source, "read") else io.BytesIO(source)  # (the caller's to close)
+
+
+def _source_name(source) -> str:
+    """How messages name a remote source, never by its bytes: a URL, a data URL by its type and length, bytes by their
+    size, a file object by its name."""
+    if isinstance(source, str):
+        is_data = source[:5].lower() == "data:"
+        return f"<{source[:60].split(',')[0]} URL of {len(source):,} characters>" if is_data else repr(source[:300])
+    return f"<file object {getattr(source, 'name', type(source).__name__)!r}>" if hasattr(source, "read") else (
+        f"<{memoryview(source).nbytes:,} bytes>")
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def _image_suffix(file) -> str:
+    """``".png"``, ``".jpeg"``, ``".gif"``, ... for an image (a path or binary file) of those formats, else ``""``."""
+    try:
+        with Image.open(file, formats=_FETCHED_IMAGE_FORMATS) as image:
+            return "." + image.format.lower()
+    except Exception:  # noqa: BLE001 - not an image of those formats (PIL raises several kinds)
+        return ""
 
 
 def available_backends() -> list[str]:
@@ -639,11 +738,13 @@ def _decord_chunks(vr, path: str, asm: _ChunkAssembler, src_hw, earlier: str | N
 
 def _classify_input(video) -> tuple[str, Any, str | None]:
     """``("file" | "gif", None, path)``, ``("folder", its frame paths, path)``, or ``("image" | "frames", a list or
-    (T, H, W, 3) array of frames, path or None)``."""
+    (T, H, W, 3) array of frames, path or None)``. Remote sources are fetched: the path is their local copy."""
+    if is_remote(video):
+        video = fetch_media(video)
     if isinstance(video, (str, os.PathLike)):
         path = os.fsdecode(os.fspath(video))
         if not os.path.exists(path):
-            if path.lower().startswith(("http://", "https://", "ftp://", "rtsp://", "s3://")):
+            if path.lower().startswith(("ftp://", "rtsp://", "s3://")):
                 raise ValueError(f"video URLs are not supported yet: download {path!r} first and pass the local file")
             raise FileNotFoundError(f"video file not found: {path!r}" if path else "video path is empty")
         if os.path.isdir(path):
@@ -667,7 +768,8 @@ def _classify_input(video) -> tuple[str, Any, str | None]:
         return "frames", list(video), None
     if not isinstance(video, np.ndarray) and not hasattr(video, "detach"):
         raise TypeError(
-            f"video must be a path, a PIL image, a list of frames or a uint8 array/tensor, got {type(video).__name__}")
+            f"video must be a path, URL, bytes, a file object, a PIL image, a list of frames or a uint8 array/tensor, "
+            f"got {type(video).__name__}")
     arr = _uint8_array(video, "frames")
     if arr.ndim == 3 and arr.shape[-1] == 3:
         return "image", [arr], None
@@ -688,7 +790,8 @@ def iter_video_chunks(video, chunk_frames: int | None = 32, *, size=None, backen
     (None: one chunk), in time order, each decoded when asked for, so memory holds about one chunk of frames.
 
     ``video``: a video path (a GIF: every frame, taken as 1 frame per second, as the original's gif reader; a folder
-    of ``*_<N>.jpg|png`` frames: 1 frame per second, see :func:`folder_frames`); a still image (a path, a
+    of ``*_<N>.jpg|png`` frames: 1 frame per second, see :func:`folder_frames`), or a video or image as an http(s)
+    URL, a ``data:`` URL, bytes or a binary file object (:func:`fetch_media`); a still image (a path, a
     ``PIL.Image``, an (H, W, 3) uint8 array); decoded frames (a list of PIL images / (H, W, 3) arrays, a
     (T, H, W, 3) / (T, 3, H, W) uint8 numpy array or torch tensor). ``start`` / ``end`` (seconds, or a
     :class:`VideoSegment` path) sample a segment of a file or folder by the original's rules (the metadata's

@@ -61,12 +61,21 @@ def test_chat_with_a_folder_prints_the_answer_and_a_bar_on_terminals_only(tiny_d
     assert "Encoding video" in terminal.getvalue() and "\r" in terminal.getvalue()  # the tqdm bar on a terminal
 
 
-def test_chat_refuses_a_url_as_not_supported_yet(tiny_dir):
+def _unreachable_url() -> str:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on: no network is touched
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}/clip.mp4"
+
+
+def test_chat_names_an_unreachable_url(tiny_dir):
     from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(tiny_dir, trust_remote_code=True)
-    with pytest.raises(ValueError, match="video URLs are not supported yet: download"):
-        model.chat("https://example.com/clip.mp4", AutoTokenizer.from_pretrained(tiny_dir), QUESTION)
+    url = _unreachable_url()
+    with pytest.raises(ValueError, match=f"cannot fetch '{url}': .*refused"):
+        model.chat(url, AutoTokenizer.from_pretrained(tiny_dir), QUESTION)
 
 
 def test_chat_log_to_a_pipe_has_no_control_characters(tiny_dir, video):
@@ -106,8 +115,8 @@ def bad_videos(tmp_path_factory):
     return {"missing": (str(root / "missing.mp4"), "video file not found"),
             "directory": (str(root / "folder.mp4"), "a folder of frames needs"),  # no frames in it
             "text named .mp4": (str(root / "notes.mp4"), "not a readable media file"),
-            "http URL": ("http://example.com/clip.mp4", "URLs are not supported yet"),
-            "https URL": ("https://example.com/clip.mp4", "download"),
+            "http URL": (_unreachable_url(), "Connection refused"),
+            "https URL": (_unreachable_url().replace("http:", "https:"), "cannot fetch"),
             "--max-frames 0": (str(root / "notes.mp4"), "positive integer")}
 
 

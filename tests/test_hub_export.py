@@ -23,6 +23,7 @@ from videochat_flash.hub_export import (
     AUTO_MAP,
     CODE_FILES,
     CUSTOM_PIPELINES,
+    DEPLOY_FILES,
     ModelUnavailableError,
     convert_original_checkpoint,
     export_hub_folder,
@@ -97,7 +98,8 @@ def test_export_folder_layout_and_metadata(exported):
             "tokenizer_config.json", "chat_template.jinja", "README.md", "model.safetensors.index.json"} <= names
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     assert len(shards) > 1 and all(n.startswith("model-0") for n in shards)
-    assert not [n for n in names if n.endswith(".py") and n not in CODE_FILES.values()]
+    assert {*DEPLOY_FILES.values(), "requirements.txt"} <= names  # handler.py, app.py: deploy files, not remote code
+    assert not [n for n in names if n.endswith(".py") and n not in {*CODE_FILES.values(), *DEPLOY_FILES.values()}]
 
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP
@@ -265,14 +267,14 @@ def test_unknown_models_give_one_line_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the shipped code
 def test_hub_code_is_small_flat_and_acyclic(exported):
-    """The .py files of a Hub folder: at most 3,650 lines (3,000 when one path per concept was set up; image tiles,
-    the InternVideo2 tower, placeholder ids from the tokenizer, segments / frame folders / GIFs added ~550, decoder
-    layers in pieces for long sequences ~65), no
+    """The remote code of a Hub folder (not its deploy files): at most 3,750 lines (3,000 when one path per concept was
+    set up; image tiles, the InternVideo2 tower, placeholder ids from the tokenizer, segments / frame folders / GIFs
+    added ~550, decoder layers in pieces for long sequences ~65, inputs from URLs, data URLs, bytes and files ~120), no
     function over 80 lines, flat single-dot relative imports of sibling files only; and no import cycle among this
     package's modules."""
     import ast
 
-    files = sorted(exported["folder"].glob("*.py"))
+    files = sorted(path for path in exported["folder"].glob("*.py") if path.name not in DEPLOY_FILES.values())
     assert {path.name for path in files} == set(CODE_FILES.values())
     lengths = {path.name: len(path.read_text().splitlines()) for path in files}
     longest = []
@@ -284,7 +286,7 @@ def test_hub_code_is_small_flat_and_acyclic(exported):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1 and (exported["folder"] / f"{node.module}.py").is_file(), (path.name, node.module)
     print(f"\nHub code: {sum(lengths.values())} lines in {len(files)} files; longest function {max(longest)}")
-    assert sum(lengths.values()) <= 3650, lengths
+    assert sum(lengths.values()) <= 3750, lengths
     assert max(longest)[0] <= 80, sorted(longest)[-5:]
 
     graph = {}  # each module of the package (dotted, relative to the repo root) -> the package modules it imports

@@ -577,9 +577,10 @@ def test_argument_and_path_errors_are_raised_at_once(stream_media, tmp_path):
         iter_video_chunks(str(text))
 
 
-@pytest.mark.parametrize("url", ["https://example.com/clip.mp4", "http://example.com/clip.mp4", "RTSP://cam/live"])
+@pytest.mark.parametrize("url", ["RTSP://cam/live", "ftp://host/clip.mp4", "s3://bucket/clip.mp4"])
 def test_urls_are_refused_as_not_supported_yet(url):
-    """Not "file not found": URLs are not supported yet (download first), for load_video and the video processor."""
+    """Not "file not found": URLs other than http(s) and data: are not supported yet (download first), for load_video
+    and the video processor (http(s) and data: URLs: test_remote_inputs.py)."""
     from videochat_flash.processing_videochat_flash import VideoChatFlashVideoProcessor
 
     for load in (load_video, lambda video: iter_video_chunks(video, 8), VideoChatFlashVideoProcessor()):
