@@ -219,9 +219,8 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
                       "default_to_square", "return_metadata", "time_message")
 
     def fetch_images(self, images):
-        # URLs, data URLs, bytes and file objects through video_loading's one fetch (a size limit, errors naming them)
-        if isinstance(images, (list, tuple)):
-            return [self.fetch_images(image) for image in images]
+        # URLs, data URLs, bytes and file objects through video_loading's one fetch (a size limit, errors naming them);
+        # transformers' fetch_images calls this one for each item of a list
         return super().fetch_images(fetch_media(images) if is_remote(images) else images)
 
     def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:

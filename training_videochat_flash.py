@@ -436,6 +436,13 @@ def _destroy_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _uses_one_position_table(model) -> bool:
+    """Whether a step can leave a trainable tower parameter unused: InternVideo2 adds one of two learned position
+    tables (clips or single images) per call."""
+    return model.config.mm_vision_tower == "internvideo2" and any(
+        p.requires_grad for name, p in model.named_parameters() if name.endswith("pos_embed"))
+
+
 # ---------------------------------------------------------------------------------------------------- the run
 def run_training(config, *, callbacks=None, **overrides) -> VideoChatFlashTrainer:
     """Train from a config file or mapping (`overrides` are extra fields, `callbacks` extra ``TrainerCallback``s);
@@ -447,8 +454,6 @@ def run_training(config, *, callbacks=None, **overrides) -> VideoChatFlashTraine
     records = load_records(data_args.train_data, data_args.data_root, training_args.seed)  # data errors come first
     if data_args.check_data:
         records = check_records(records, skip_bad=data_args.skip_bad_samples)
-    if training_args.ddp_find_unused_parameters is None:  # DDP: only text-only steps leave parameters unused
-        training_args.ddp_find_unused_parameters = text_only_records(records) > 0
     set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)  # after TrainingArguments: ZeRO-3 needs them first
     if fsdp_requested(training_args):
@@ -457,6 +462,8 @@ def run_training(config, *, callbacks=None, **overrides) -> VideoChatFlashTraine
     model = apply_lora(model, model_args) if model_args.use_lora else model
     if not model_args.use_lora:
         set_trainable_parts(model, model_args.tune_parts)
+    if training_args.ddp_find_unused_parameters is None:  # DDP: which steps leave trainable parameters unused
+        training_args.ddp_find_unused_parameters = text_only_records(records) > 0 or _uses_one_position_table(model)
     if training_args.process_index == 0:
         print("[videochat-flash train] trainable parameters: " + ", ".join(
             f"{part} {c['trainable']:,}/{c['total']:,}" for part, c in count_parameters(model).items()), flush=True)

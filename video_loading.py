@@ -9,6 +9,7 @@ URLs, bytes and file objects are read from a local copy (:func:`fetch_media`).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import itertools
 import os
@@ -183,10 +184,13 @@ def fetch_media(source) -> FetchedMedia:
         suffix = _image_suffix(path)
         os.replace(path, path + suffix)  # (videos keep the bare name: PyAV reads their content)
         path += suffix
-    except (OSError, ValueError, TypeError) as e:  # URLError, HTTPError, timeouts; bad base64; a text-mode file
-        _remove(path)
+    except (OSError, ValueError, TypeError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, a
+        _remove(path)  # truncated download; bad base64; a text-mode file
         reason = e.reason if type(e) is urllib.error.URLError else _last_line(e)  # (an HTTPError says its status)
         raise ValueError(f"cannot fetch {name}: {reason}") from None
+    except BaseException:  # (KeyboardInterrupt, ...): no partial copy left behind
+        _remove(path)
+        raise
     copy = FetchedMedia(path, name)
     weakref.finalize(copy, _remove, path)
     return copy
@@ -745,7 +749,8 @@ def _classify_input(video) -> tuple[str, Any, str | None]:
         path = os.fsdecode(os.fspath(video))
         if not os.path.exists(path):
             if path.lower().startswith(("ftp://", "rtsp://", "s3://")):
-                raise ValueError(f"video URLs are not supported yet: download {path!r} first and pass the local file")
+                raise ValueError(f"only http(s) and data: URLs are fetched: download {path!r} first and pass the "
+                                 "local file")
             raise FileNotFoundError(f"video file not found: {path!r}" if path else "video path is empty")
         if os.path.isdir(path):
             return "folder", folder_frames(path), path  # a video as a folder of frames (1 frame per second)
@@ -871,7 +876,7 @@ def _open_file(path, chunk_frames, hw, backend, sampling: FrameSampling, num_thr
     if av is not None:
         probe = _pyav_probe(path)  # VideoReadError (a ValueError) for unreadable files: no backend would do better
         if probe.truncated:
-            warnings.warn(f"{path}: the video looks truncated or damaged ({probe.total_frames} readable frames"
+            warnings.warn(f"{path!r}: the video looks truncated or damaged ({probe.total_frames} readable frames"
                           + (f" of {probe.declared_frames} declared" if probe.declared_frames else "")
                           + (f", {probe.n_corrupt} corrupt packets" if probe.n_corrupt else "")
                           + "); sampling from the readable frames", stacklevel=3)

@@ -137,17 +137,20 @@ def _load(folder, device: str, dtype):
     return model, tokenizer
 
 
-def check_video(video: str) -> None:
-    """What ``chat`` checks before loading anything (numpy, Pillow and PyAV only): the path exists, is no URL, is a
-    readable, non-empty regular file, and is a still image or a media file with video frames (PyAV's packet probe,
-    no decoding). Raises ``FileNotFoundError`` or ``ValueError`` with ``video_loading``'s messages."""
+def local_video(video: str):
+    """`video` checked before loading anything (numpy, Pillow and PyAV only), as a local path: an http(s) or data
+    URL is downloaded once here (the copy is what the command reads); a path must exist and be a readable,
+    non-empty regular file or a frame folder, and a file a still image or a media file with video frames (PyAV's
+    packet probe, no decoding). Raises ``FileNotFoundError`` or ``ValueError`` with ``video_loading``'s messages."""
     from . import video_loading
 
+    video = video_loading.fetch_media(video) if video_loading.is_remote(video) else video
     kind, _, path = video_loading._classify_input(video)
     if kind == "file" and video_loading.av is not None:
         with warnings.catch_warnings():  # a damaged file warns again when it is loaded
             warnings.simplefilter("ignore")
             video_loading._pyav_probe(path)
+    return video
 
 
 @contextlib.contextmanager
@@ -171,7 +174,7 @@ def _bars_on_terminals_only():
 def cmd_chat(args) -> int:
     from .hub_export import resolve_model
 
-    check_video(args.video)  # before torch is imported or any model loads
+    video = local_video(args.video)  # before torch is imported or any model loads
     with _bars_on_terminals_only():
         folder = resolve_model(args.model, cache_dir=args.cache_dir)
         if args.model == "tiny":
@@ -180,7 +183,7 @@ def cmd_chat(args) -> int:
         model, tokenizer = _load(folder, device, dtype)
         generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
         sampling = {"max_num_frames": args.max_frames} if args.max_frames else {}
-        answer = model.chat(args.video, tokenizer, args.question, return_history=False, generation_config=generation,
+        answer = model.chat(video, tokenizer, args.question, return_history=False, generation_config=generation,
                             progress=True, **sampling)
     print(answer)
     return 0
@@ -231,13 +234,13 @@ def cmd_niah(args) -> int:
     from . import niah_videochat_flash as niah
     from .hub_export import resolve_model
 
-    check_video(args.haystack)  # the video, the options, the needles file and the haystack length before any model
+    haystack = local_video(args.haystack)  # the video, the options, the needles file and the haystack length before any model
     settings = niah.settings_from_args(args)
     with _bars_on_terminals_only():
         folder = resolve_model(args.model, cache_dir=args.cache_dir)
         device, dtype = _device_and_dtype(args.device, args.dtype)
         model, processor = niah.load_model(folder, device, dtype, args.device_map)
-        results = niah.run_niah(model, processor, args.haystack, args.needles, args.out, settings, progress=True)
+        results = niah.run_niah(model, processor, haystack, args.needles, args.out, settings, progress=True)
     written = "results.jsonl, results.json" + (", heatmap.png" if results["heatmap"] else "")
     print(f"average accuracy {results['average_accuracy']:.4f}; wrote {written} in {args.out}")
     return 0

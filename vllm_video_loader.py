@@ -10,7 +10,6 @@ between vLLM's processes, the same pixels).
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -29,9 +28,4 @@ class VideoChatFlashVideoLoader(VideoLoader):
     def load_bytes(cls, data: bytes, num_frames: int = -1, **kwargs) -> tuple[np.ndarray, dict[str, Any]]:
         # vLLM's `num_frames` (32 unless set) is its generic default, not this model's sampling: it is not used.
         options = {name: kwargs[name] for name in LOADER_OPTIONS if kwargs.get(name) is not None}
-        # The decoders read files; a GIF is told apart by its name, as the original's gif reader
-        suffix = ".gif" if data[:4] == b"GIF8" else ".video"
-        with tempfile.NamedTemporaryFile(prefix="videochat_flash_vllm_", suffix=suffix) as file:
-            file.write(data)
-            file.flush()
-            return video_input(file.name, **options)
+        return video_input(data, **options)  # (bytes become a local copy, a GIF by its content, as for load_video)

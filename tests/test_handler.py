@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
+import tomllib
 
 from media import encode, image, pattern
 from test_hub_export import original_folder, run_isolated  # noqa: F401 - original_folder is a fixture
 
-from videochat_flash.hub_export import DEPLOY_FILES, convert_original_checkpoint, make_tiny_folder
+from videochat_flash.hub_export import DEPLOY_FILES, REPO_ROOT, convert_original_checkpoint, make_tiny_folder
 
 QUESTION = "What is moving in the video?"
 
@@ -23,6 +24,9 @@ def test_exported_and_converted_folders_carry_the_deploy_files(tmp_path, origina
         requirements = (folder / "requirements.txt").read_text().splitlines()
         assert "transformers>=5.20,<6" in requirements and "av>=14" in requirements
         assert not any(line.startswith("torchvision") for line in requirements)
+    # the same pins as the package's own requirements (one bump, both places)
+    package = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert set(requirements) <= {line.split(";")[0].strip() for line in package}, (requirements, package)
 
 
 def test_handler_answers_requests_in_a_fresh_process(tmp_path):

@@ -151,3 +151,19 @@ def test_internvideo2_model_videos_images_dropping_batches_and_streaming(tiny_in
                                              clips_per_chunk=1)
         one_shot = model.get_video_features(single[1]["pixel_values_videos"])[0]
     assert streamed.shape == (16 * 12, 64) and (streamed - one_shot).abs().max().item() < 1e-5
+
+
+def test_ddp_looks_for_unused_parameters_while_its_tower_trains(tiny_internvideo2):
+    """Each InternVideo2 call adds one of two learned position tables (clips or images), so DDP must look for unused
+    parameters while the tower trains (not while it is frozen; UMT's tables are fixed)."""
+    from videochat_flash.tiny_model import build_tiny_model
+    from videochat_flash.training_videochat_flash import _uses_one_position_table
+
+    model = tiny_internvideo2[0]
+    assert _uses_one_position_table(model)
+    model.model.vision_tower.requires_grad_(False)
+    try:
+        assert not _uses_one_position_table(model)
+    finally:
+        model.model.vision_tower.requires_grad_(True)
+    assert not _uses_one_position_table(build_tiny_model(0))

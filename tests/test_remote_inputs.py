@@ -177,7 +177,7 @@ def test_errors_name_the_source_never_its_bytes(media, monkeypatch):
 
 
 def test_urls_of_other_schemes_are_refused():
-    with pytest.raises(ValueError, match="video URLs are not supported yet: download 'rtsp://cam/live' first"):
+    with pytest.raises(ValueError, match=r"only http\(s\) and data: URLs are fetched: download .rtsp://cam/live. first"):
         load_video("rtsp://cam/live")
 
 

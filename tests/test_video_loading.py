@@ -584,7 +584,7 @@ def test_urls_are_refused_as_not_supported_yet(url):
     from videochat_flash.processing_videochat_flash import VideoChatFlashVideoProcessor
 
     for load in (load_video, lambda video: iter_video_chunks(video, 8), VideoChatFlashVideoProcessor()):
-        with pytest.raises(ValueError, match=r"video URLs are not supported yet: download .* first") as error:
+        with pytest.raises(ValueError, match=r"only http\(s\) and data: URLs are fetched: download .* first") as error:
             load(url)
         assert not isinstance(error.value, FileNotFoundError) and url in str(error.value)
 
