@@ -11,11 +11,14 @@ tokens per tile of the image. Batches are padded on the left (ready for ``genera
 
 import ast
 import dataclasses
+import functools
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from tokenizers import AddedToken
 from transformers import Qwen2Config
 from transformers.feature_extraction_utils import BatchFeature
@@ -98,7 +101,12 @@ def frames_to_pixels(frames, size: dict, do_resize: bool = True, do_rescale: boo
                      image_std=IMAGENET_STD) -> np.ndarray:
     """`(n, H, W, 3)` uint8 frames -> `(n, 3, S, S)` float32 pixels, one frame at a time (bounded temporaries). The one
     pixel function of images and videos, with the original's arithmetic: PIL bicubic on the uint8 frame, a float64
-    product with `rescale_factor` rounded to float32 (transformers' ``rescale``), then ``(x - mean) / std``."""
+    product with `rescale_factor` rounded to float32 (transformers' ``rescale``), then ``(x - mean) / std``. A numpy
+    array gives a numpy array; a tensor (on any device) gives a tensor on its device, equal bit for bit
+    (`_tensor_frames_to_pixels`: made on an accelerator, it leaves the CPU to decoding)."""
+    if isinstance(frames, torch.Tensor):
+        return _tensor_frames_to_pixels(frames, size, do_resize, do_rescale, rescale_factor, do_normalize, image_mean,
+                                        image_std)
     hw, mean, std = (size["height"], size["width"]), np.float32(image_mean), np.float32(image_std)
     output = None
     for index, frame in enumerate(frames):
@@ -108,6 +116,104 @@ def frames_to_pixels(frames, size: dict, do_resize: bool = True, do_rescale: boo
         pixels = (frame * np.float64(rescale_factor)).astype(np.float32) if do_rescale else frame.astype(np.float32)
         output[index] = ((pixels - mean) / std if do_normalize else pixels).transpose(2, 0, 1)
     return output
+
+
+# Pillow's fixed-point resampling (Resample.c): coefficients scaled by 2^22, sums rounded by adding 2^21.
+_PIL_PRECISION_BITS = 22
+_DEVICE_RESIZE_BYTES = 256 * 1024**2  # float64 frames resized per step on the device (bounds its temporaries)
+
+
+def _pil_bicubic(x: np.ndarray) -> np.ndarray:
+    """Pillow's bicubic kernel (a = -0.5), with its operation order."""
+    a, x = -0.5, np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+@functools.lru_cache(maxsize=16)  # per size and device: built and copied once, not per chunk
+def _pil_bicubic_matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """`(in_size, out_size)` float64 matrix on `device` of Pillow's fixed-point bicubic coefficients (integers, scaled
+    2^22) for one axis, computed as Pillow's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` do, step for step."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    taps = int(np.ceil(support)) * 2 + 1
+    center = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C casts truncate toward zero
+    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    tap = np.arange(taps)[None, :]
+    used = tap < count[:, None]
+    weights = np.where(used, _pil_bicubic(((first[:, None] + tap) - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+    total = np.zeros(out_size)
+    for t in range(taps):  # summed in Pillow's order
+        total = total + weights[:, t]
+    weights = np.where(used & (total[:, None] != 0.0), weights / total[:, None], weights)
+    fixed = np.trunc(weights * (1 << _PIL_PRECISION_BITS) + np.where(weights < 0, -0.5, 0.5))
+    matrix = np.zeros((in_size, out_size))
+    rows, cols = (first[:, None] + tap)[used], np.broadcast_to(np.arange(out_size)[:, None], used.shape)[used]
+    matrix[rows, cols] = fixed[used]
+    return torch.from_numpy(matrix).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(values: tuple, device: torch.device) -> torch.Tensor:
+    """`(3, 1, 1)` float32 per-channel constants (mean, std) on `device`, copied there once."""
+    return torch.tensor(values, dtype=torch.float32)[:, None, None].to(device)
+
+
+def _resize_axis(pixels: torch.Tensor, out_size: int) -> torch.Tensor:
+    """Pillow's bicubic pass over the last axis of float64 uint8-valued `pixels`, rounded and clipped to uint8 values
+    as Pillow does (``clip8`` of the fixed-point sum)."""
+    if pixels.shape[-1] == out_size:
+        return pixels  # Pillow skips a pass that keeps the size
+    sums = pixels @ _pil_bicubic_matrix(pixels.shape[-1], out_size, pixels.device) + (1 << (_PIL_PRECISION_BITS - 1))
+    return torch.floor(sums / (1 << _PIL_PRECISION_BITS)).clamp_(0, 255)
+
+
+def _pil_resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`(..., H, W)` uint8-valued float64 -> `(..., height, width)`, the passes in Pillow's order: horizontal first,
+    except for images over 100 times taller than wide that shrink in height (Pillow 12's ``Image.resize``)."""
+    def horizontal(x):
+        return _resize_axis(x, width)
+
+    def vertical(x):
+        return _resize_axis(x.transpose(-1, -2), height).transpose(-1, -2)
+
+    in_height, in_width = pixels.shape[-2:]
+    if in_height > in_width * 100 and height < in_height:
+        return horizontal(vertical(pixels))
+    return vertical(horizontal(pixels))
+
+
+def _tensor_frames_to_pixels(frames: torch.Tensor, size: dict, do_resize, do_rescale, rescale_factor, do_normalize,
+                             image_mean, image_std) -> torch.Tensor:
+    """`frames_to_pixels` of a `(n, H, W, 3)` uint8 tensor, on its device: Pillow's bicubic resize (its two passes,
+    each rounded to uint8) as float64 matmuls, exact because the sums are of integers below 2^53, then the same
+    float64 rescale and float32 normalisation; the frames go in steps that bound the float64 temporaries."""
+    height, width = size["height"], size["width"]
+    mean = _channel_constants(tuple(float(m) for m in image_mean), frames.device)
+    std = _channel_constants(tuple(float(s) for s in image_std), frames.device)
+    step = max(1, _DEVICE_RESIZE_BYTES // (8 * frames[0].numel())) if len(frames) else 1
+    output = torch.empty((len(frames), 3, height, width) if do_resize else (len(frames), 3, *frames.shape[1:3]),
+                         dtype=torch.float32, device=frames.device)
+    for start in range(0, len(frames), step):
+        pixels = frames[start : start + step].permute(0, 3, 1, 2).double()  # (n, 3, H, W), uint8 values
+        if do_resize:
+            pixels = _pil_resize(pixels, height, width)
+        pixels = (pixels * rescale_factor).float() if do_rescale else pixels.float()
+        output[start : start + step] = (pixels - mean) / std if do_normalize else pixels
+    return output
+
+
+def frames_to_device(frames: np.ndarray, device) -> torch.Tensor:
+    """`(n, H, W, 3)` uint8 frames as a tensor on `device`; to an accelerator through pinned memory, so the copy is
+    queued without waiting for the work before it (the model's, when a prefetch thread sends the next chunk)."""
+    tensor, device = torch.from_numpy(frames), torch.device(device)
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if accelerator is not None and accelerator.type == device.type:
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _size_dict(size) -> dict[str, int]:
@@ -309,25 +415,33 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
         self.max_num_frames, self.num_frames, self.fps = max_num_frames, num_frames, fps
         self.min_num_frames, self.frames_multiple, self.video_backend = min_num_frames, frames_multiple, video_backend
 
-    def iter_pixel_chunks(self, video, chunk_frames: int | None = None, video_metadata=None, **kwargs):
+    def iter_pixel_chunks(self, video, chunk_frames: int | None = None, video_metadata=None, pixel_device=None,
+                          **kwargs):
         """``(metadata, iterator of (n, 3, S, S) float32 pixel chunks)`` of one video, in time order.
 
         The frames are sampled and decoded chunk by chunk (``iter_video_chunks``), so memory holds one chunk of
         frames; ``chunk_frames=None`` gives one chunk. `video_metadata` (a dict or transformers ``VideoMetadata``) of
         decoded frames tells how long they last: ``duration``, or ``total_num_frames / fps`` of the video they come
         from, or their own ``fps``; it sets their frame rate, hence ``fps`` sampling, timestamps and the time message.
-        Files describe themselves.
+        Files describe themselves. With a `pixel_device`, the frames of a video file (or URL) are decoded at their
+        own size and go there as uint8 to be resized and normalised (``frames_to_pixels`` of a tensor: the same
+        pixels, as tensors on that device; a chunk then holds full-size frames); else chunks are numpy arrays.
         """
         options = self._options(self.VIDEO_OPTIONS, kwargs)
         size = options["size"]
+        # One size for all frames, as the device resize needs: a file's stream (folders and frame lists may vary)
+        on_device = pixel_device is not None and isinstance(video, (str, os.PathLike)) and not os.path.isdir(video)
         # Frames resized while they are decoded (as frames_to_pixels would) keep memory low on long videos.
-        load_size = (size["height"], size["width"]) if options["do_resize"] else None
+        load_size = (size["height"], size["width"]) if options["do_resize"] and not on_device else None
         metadata, chunks = iter_video_chunks(
             video, chunk_frames, size=load_size, backend=options["video_backend"],
             video_fps=None if isinstance(video, str) else _frame_rate(video, video_metadata),
             sampling=FrameSampling(**{name: options[name] for name in self.SAMPLING_OPTIONS}),
         )
         pixel_options = {name: options[name] for name in self.PIXEL_OPTIONS}
+        if on_device:
+            return metadata, (frames_to_pixels(frames_to_device(chunk, pixel_device), **pixel_options)
+                              for chunk in chunks)
         return metadata, (frames_to_pixels(chunk, **pixel_options) for chunk in chunks)
 
     def preprocess(self, videos, video_metadata=None, return_tensors=None, **kwargs) -> BatchFeature:

@@ -2,6 +2,7 @@
 
     videochat-flash chat VIDEO "question" [--model DIR_OR_HUB_ID|tiny] [--max-frames N] [--device auto|cpu|cuda]
                                           [--dtype auto|float32|bfloat16|float16] [--max-new-tokens N]
+                                          [--quantize none|int8|nf4]
     videochat-flash export DIR [--model ...] [--max-shard-size 4GB] [--base-model HUB_ID]
     videochat-flash convert SRC DST [--base-model HUB_ID] [--link-weights]
     videochat-flash make-tiny DIR [--seed N]
@@ -27,6 +28,7 @@ import warnings
 from .hub_export import DEFAULT_MODEL_ID, ModelUnavailableError
 
 PROG = "videochat-flash"
+QUANTIZE_CHOICES = ("none", "int8", "nf4")
 TINY_WARNING = (
     "note: --model tiny is a tiny model with RANDOM weights, built offline: its answers are random text "
     "(it only shows that everything runs)."
@@ -63,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="auto = bfloat16 on cuda, float32 on cpu")
     chat.add_argument("--max-new-tokens", type=_positive_int, default=None,
                       help="answer length cap (default: the model's)")
+    chat.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                      help="the LLM's linear layers in int8 (torchao weight-only, CPU or GPU; needs the [quant] extra) "
+                           "or nf4 (bitsandbytes 4-bit, CUDA only); the vision tower, projector and lm_head stay "
+                           "unquantized. With --dtype auto the rest is bfloat16")
     chat.add_argument("--cache-dir", default=None, help="where tiny/converted models are kept")
 
     export = commands.add_parser("export", help="write a model as a self-contained Hub folder")
@@ -117,7 +123,10 @@ def _niah_parser(commands) -> None:
     niah.add_argument("--cache-dir", default=None, help="where tiny/converted models and haystack tokens are kept")
 
 
-def _device_and_dtype(device: str, dtype: str):
+def _device_and_dtype(device: str, dtype: str, quantize: str = "none"):
+    """`auto` resolved: cuda when available; bfloat16 on cuda or beside quantized weights (which compute in the
+    activations' dtype: bfloat16 halves that traffic and the unquantized rest), float32 on a CPU otherwise (the
+    original's exact arithmetic)."""
     import torch
 
     if device == "auto":
@@ -125,14 +134,68 @@ def _device_and_dtype(device: str, dtype: str):
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
+        dtype = "bfloat16" if device == "cuda" or quantize != "none" else "float32"
     return device, getattr(torch, dtype)
 
 
-def _load(folder, device: str, dtype):
-    from transformers import AutoModel, AutoTokenizer
+def check_quantize(quantize: str, device: str) -> None:
+    """What ``--quantize`` needs, checked before any model loads: int8 needs torchao; nf4 needs a CUDA device
+    (bitsandbytes' 4-bit kernels) and bitsandbytes. Raises ValueError or ImportError that says what to do."""
+    import importlib.util
 
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
+    if quantize == "nf4" and device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if quantize == "nf4" and device != "cuda":
+        raise ValueError("--quantize nf4 is bitsandbytes 4-bit, which needs a CUDA GPU; on a CPU use --quantize int8 "
+                         "(torchao) or --dtype bfloat16")
+    package = {"int8": ("torchao", "pip install 'videochat-flash-hf[quant]'"),
+               "nf4": ("bitsandbytes", "pip install bitsandbytes")}.get(quantize)
+    if package is not None and importlib.util.find_spec(package[0]) is None:
+        raise ImportError(f"--quantize {quantize} needs {package[0]}: {package[1]}")
+
+
+def quantization_config(quantize: str, dtype=None):
+    """transformers' quantization config for ``--quantize`` (None for ``none``): ``int8`` = torchao int8 weight-only
+    (``TorchAoConfig(Int8WeightOnlyConfig())``), ``nf4`` = bitsandbytes 4-bit NF4 computing in `dtype`. Only the
+    LLM's linear layers are quantized: the model class keeps the vision tower and projector out
+    (``_keep_in_fp32_modules``, which both quantizers read) and the quantizers keep the output embeddings
+    (``lm_head``, tied to the input embeddings in the 2B checkpoint) by default."""
+    if quantize == "none":
+        return None
+    if quantize == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    raise ValueError(f"--quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+
+
+def load_model(folder, device: str = "auto", dtype: str = "auto", quantize: str = "none"):
+    """The model of a Hub folder of this package as ``chat`` loads it, in eval mode: `device` / `dtype` as the
+    options (``auto`` included), `quantize` one of ``none``, ``int8``, ``nf4``. Quantized weights are created on
+    their device while loading (``device_map``; bitsandbytes models cannot be moved afterwards)."""
+    from transformers import AutoModel
+
+    check_quantize(quantize, device)
+    device, dtype = _device_and_dtype(device, dtype, quantize)
+    quantization = quantization_config(quantize, dtype)
+    if quantization is None:
+        return AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
+    placement = {} if device == "cpu" else {"device_map": device}  # device_map needs accelerate: not on a CPU
+    return AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype, quantization_config=quantization,
+                                     **placement).eval()
+
+
+def _load(folder, device: str, dtype: str, quantize: str = "none"):
+    from transformers import AutoTokenizer
+
+    model = load_model(folder, device, dtype, quantize)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     return model, tokenizer
 
@@ -175,12 +238,12 @@ def cmd_chat(args) -> int:
     from .hub_export import resolve_model
 
     video = local_video(args.video)  # before torch is imported or any model loads
+    check_quantize(args.quantize, args.device)
     with _bars_on_terminals_only():
         folder = resolve_model(args.model, cache_dir=args.cache_dir)
         if args.model == "tiny":
             print(TINY_WARNING, file=sys.stderr)
-        device, dtype = _device_and_dtype(args.device, args.dtype)
-        model, tokenizer = _load(folder, device, dtype)
+        model, tokenizer = _load(folder, args.device, args.dtype, args.quantize)
         generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
         sampling = {"max_num_frames": args.max_frames} if args.max_frames else {}
         answer = model.chat(video, tokenizer, args.question, return_history=False, generation_config=generation,

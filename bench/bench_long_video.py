@@ -25,6 +25,8 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+from bench_common import peak_rss_kb, status_kb  # (bench/ is on sys.path when a bench runs as a script)
+
 REPO = Path(__file__).resolve().parent.parent
 
 WIDTH, HEIGHT, FPS = 160, 120, 25
@@ -72,28 +74,6 @@ def long_video(frames: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- child
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _peak_kb() -> int:
-    peak = _status_kb("VmHWM")
-    if peak is None:  # not Linux: ru_maxrss (kB on Linux, bytes on macOS)
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if sys.platform == "darwin":
-            peak //= 1024
-    return peak
-
-
 def child(args) -> None:
     import torch
 
@@ -105,7 +85,7 @@ def child(args) -> None:
     model = build_tiny_model(0)
     size = model.config.image_size
     processor = VideoChatFlashVideoProcessor(size=size)
-    setup_kb = _status_kb("VmRSS") or _peak_kb()
+    setup_kb = status_kb("VmRSS") or peak_rss_kb()
     start = time.perf_counter()
     with torch.no_grad():
         if args.child == "ours":
@@ -120,7 +100,7 @@ def child(args) -> None:
             features = model.get_video_features(pixels)[0]
             del pixels
     wall = time.perf_counter() - start
-    peak_kb = _peak_kb()
+    peak_kb = peak_rss_kb()
     torch.save(features, args.save)
     print("RESULT " + json.dumps({
         "peak_kb": peak_kb, "setup_kb": setup_kb, "wall_s": wall, "tokens": list(features.shape),

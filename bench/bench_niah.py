@@ -22,6 +22,8 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+from bench_common import status_kb  # (bench/ is on sys.path when a bench runs as a script)
+
 REPO = Path(__file__).resolve().parent.parent
 WIDTH, HEIGHT = 160, 120
 
@@ -53,11 +55,6 @@ def haystack_video(frames: int) -> str:
     return str(path)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
 def child(frames: int, depths: list[float], clips_per_chunk: int, video: str, dtype: str,
           decoder_chunk_tokens: int) -> dict:
     import numpy as np
@@ -75,12 +72,12 @@ def child(frames: int, depths: list[float], clips_per_chunk: int, video: str, dt
     model.model.decoder_chunk_tokens = decoder_chunk_tokens or None
     settings = niah.NIAHSettings(frames=(frames,), depths=tuple(depths), cache_dir=str(work / "cache"),
                                  clips_per_chunk=clips_per_chunk)
-    setup_kb = _status_kb("VmRSS")
+    setup_kb = status_kb("VmRSS")
     start = time.perf_counter()
     tokens = niah.haystack_tokens(model, processor, video, settings)
     encode_s = time.perf_counter() - start
     del tokens
-    encode_peak_kb = _status_kb("VmHWM")
+    encode_peak_kb = status_kb("VmHWM")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: the cells' own peak from here
         reset = True
@@ -91,8 +88,8 @@ def child(frames: int, depths: list[float], clips_per_chunk: int, video: str, dt
     cells_s = time.perf_counter() - start
     return {"frames": frames, "tokens": 16 * frames + 64, "encode_s": encode_s, "cell_s": cells_s / len(depths),
             "setup_mb": setup_kb / 1024, "encode_peak_mb": encode_peak_kb / 1024,
-            "cells_peak_mb": _status_kb("VmHWM") / 1024 if reset else None,
-            "peak_mb": max(encode_peak_kb, _status_kb("VmHWM")) / 1024, "score": results["average_accuracy"]}
+            "cells_peak_mb": status_kb("VmHWM") / 1024 if reset else None,
+            "peak_mb": max(encode_peak_kb, status_kb("VmHWM")) / 1024, "score": results["average_accuracy"]}
 
 
 def main() -> None:

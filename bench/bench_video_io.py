@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from bench_common import write_test_video  # (bench/ is on sys.path when a bench runs as a script)
+
 SIZE = 448
 VIDEO_NAME = "bench_10min_640x360_30fps_gop250.mp4"
 
@@ -35,26 +37,32 @@ VIDEO_NAME = "bench_10min_640x360_30fps_gop250.mp4"
 # video generation (cached)
 # ------------------------------------------------------------------------------------------------------------
 def make_video(path: str) -> None:
-    import av
+    write_test_video(path, (640, 360), 30, 600, {"preset": "veryfast", "g": "250"}, bit_rate=1_000_000)
 
-    tmp = path + ".part"
-    t0 = time.time()
-    src = av.open("testsrc2=size=640x360:rate=30:duration=600", format="lavfi")
-    with av.open(tmp, "w", format="mp4") as out:
-        s = out.add_stream("libx264", rate=30)
-        s.width, s.height, s.pix_fmt = 640, 360, "yuv420p"
-        s.bit_rate = 1_000_000
-        s.codec_context.gop_size = 250
-        s.options = {"preset": "veryfast", "g": "250"}
-        for frame in src.decode(video=0):
-            frame.pict_type = av.video.frame.PictureType.NONE  # lavfi flags every frame I: let x264 decide
-            for p in s.encode(frame):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    src.close()
-    os.replace(tmp, path)
-    print(f"generated {path} ({os.path.getsize(path) / 1e6:.1f} MB) in {time.time() - t0:.1f} s", flush=True)
+
+# ------------------------------------------------------------------------------------------------------------
+# the original's way (also used by bench_e2e.py)
+# ------------------------------------------------------------------------------------------------------------
+def original_reader(path: str):
+    """The original's reader: decord with one thread."""
+    import decord
+
+    return decord.VideoReader(path, num_threads=1)
+
+
+def original_frames(reader, n: int):
+    """The chat() sample of `n` frames, all at full resolution in one ``get_batch``: (n, H, W, 3) uint8."""
+    from videochat_flash.frame_sampling import FrameSampling
+
+    return reader.get_batch(FrameSampling(max_num_frames=n).file_indices(len(reader), reader.get_avg_fps())).asnumpy()
+
+
+def pil_resize(frame, size: int = SIZE):
+    """One frame squashed to size x size with PIL bicubic, as the original's image processor does."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((size, size), Image.BICUBIC))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -64,13 +72,11 @@ def child(method: str, n: int, path: str) -> None:
     import hashlib
 
     import numpy as np
-    from PIL import Image
 
     import videochat_flash.video_loading as vl
     from videochat_flash.frame_sampling import FrameSampling
 
-    def resize(f):
-        return np.asarray(Image.fromarray(f).resize((SIZE, SIZE), Image.BICUBIC))
+    resize = pil_resize
 
     extra = {}
     if method == "ours":
@@ -97,12 +103,10 @@ def child(method: str, n: int, path: str) -> None:
         frames = np.stack([resize(kept[i]) for i in idx])
         dt = time.perf_counter() - t0
     elif method == "original":
-        import decord
+        import decord  # noqa: F401 - imported before the clock starts, as the other methods' modules
 
         t0 = time.perf_counter()
-        vr = decord.VideoReader(path, num_threads=1)
-        idx = FrameSampling(max_num_frames=n).file_indices(len(vr), vr.get_avg_fps())
-        full = vr.get_batch(idx).asnumpy()
+        full = original_frames(original_reader(path), n)
         frames = np.stack([resize(f) for f in full])
         dt = time.perf_counter() - t0
     else:

@@ -15,7 +15,7 @@ if [ -n "${DEMO_PYTHON:-}" ]; then
 else
     python3 -m venv .venv
     # One pip call, with torch pinned, so pip takes the CPU wheel of torch 2.13.0 (the same line as .ci/run).
-    .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 "transformers==5.24.0" -e ".[train,test,niah,demo]"
+    .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 "transformers==5.24.0" -e ".[train,test,niah,demo,quant]"
     PY=.venv/bin/python
 fi
 

@@ -1,5 +1,7 @@
 """In-LLM visual token dropping (token_dropping.py): the pieces on hand-made inputs, then the tiny model."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -7,15 +9,17 @@ from test_modeling import VIDEO_ID, assert_batch_equals_single_runs, make_sample
 from videochat_flash.tiny_model import build_tiny_model
 from videochat_flash.token_dropping import (
     DROP_STATE_ATTRIBUTE,
+    DropBookkeeping,
     VisualTokenDropState,
     decoding_stage,
     drop_visual_tokens,
     labels_at_kept_positions,
-    query_indices,
     record_stage,
+    score_queries,
     select_visual_tokens,
     stage_drop_type,
     start_bookkeeping,
+    top_visual_tokens,
     uniform_choice,
     visual_token_scores,
 )
@@ -38,15 +42,17 @@ def test_bookkeeping_query_is_the_last_real_token_or_the_given_position():
     drop = start_bookkeeping(visual, valid)
     assert drop.query.nonzero().tolist() == [[0, 5], [1, 7]]
     assert drop.num_visual.tolist() == [5, 3]  # a padded slot is not a visual token
+    assert (drop.real_counts, drop.visual_counts, drop.first_visual_counts) == ((6, 6), (5, 3), (5, 3))  # on the host
     assert start_bookkeeping(visual, valid, drop_query_position=2).query.nonzero().tolist() == [[0, 2], [1, 2]]
 
 
 def test_training_queries_are_the_tokens_before_each_answer_span():
-    query = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
-    labels = torch.tensor([-100, -100, 5, 6, -100, -100, 7, -100])
-    assert query_indices(query).tolist() == [7]
-    assert query_indices(query, labels).tolist() == [1, 5]
-    assert query_indices(query, torch.full((8,), -100)) is None  # no answer: nothing to rank from
+    visual, valid, _, _ = two_rows()
+    assert score_queries(start_bookkeeping(visual, valid))[0].tolist() == [[7], [7]]  # inference: the last token
+    labels = torch.tensor([[-100, -100, 5, 6, -100, -100, 7, -100], [-100] * 8])
+    query_index, query_valid, has_query = score_queries(start_bookkeeping(visual, valid, labels))
+    assert query_index[0].tolist() == [1, 5] and query_valid.tolist() == [[True, True], [False, False]]
+    assert has_query == (True, False)  # no answer: nothing to rank from
 
 
 def test_stage_types():
@@ -77,14 +83,15 @@ def test_attention_drop_keeps_the_top_scores_in_original_order():
     visual, valid, positions, hidden_states = two_rows()
     scores = torch.tensor([9, 1, 8, 2, 7, 3, 6, 9], dtype=torch.float32)  # the same for both rows
     drop = start_bookkeeping(visual, valid)
-    selected, keep = select_visual_tokens(drop, hidden_states, positions, 0.5, lambda *args: scores)
+    selected, keep, keep_counts = select_visual_tokens(drop, hidden_states, positions, 0.5, lambda *args: scores)
     assert selected.nonzero().tolist() == [[0, 2], [0, 4], [0, 6], [1, 4]] and keep.tolist() == [3, 1]
+    assert keep_counts == (3, 1)
     # training: the sample without an answer keeps every visual token, as in the original
     labels = torch.full((2, 8), -100)
     labels[0, 7] = 1
     drop = start_bookkeeping(visual, valid, labels)
-    selected, keep = select_visual_tokens(drop, hidden_states, positions, 0.5, lambda *args: scores)
-    assert keep.tolist() == [3, 3] and selected[1].nonzero().flatten().tolist() == [3, 4, 5]
+    selected, keep, keep_counts = select_visual_tokens(drop, hidden_states, positions, 0.5, lambda *args: scores)
+    assert keep.tolist() == [3, 3] and keep_counts == (3, 3) and selected[1].nonzero().flatten().tolist() == [3, 4, 5]
 
 
 def test_scores_are_the_next_layers_attention_weights():
@@ -97,7 +104,7 @@ def test_scores_are_the_next_layers_attention_weights():
     valid[:2] = False  # left padding
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     queries = torch.tensor([7, 11])
-    scores = visual_token_scores(layer, rotary, hidden_states, positions, valid, queries)
+    scores = visual_token_scores(layer, rotary, hidden_states[None], positions[None], valid[None], queries[None])[0]
 
     allowed = torch.ones(12, 12, dtype=torch.bool).tril() & valid[None, :]
     mask = torch.zeros(1, 1, 12, 12).masked_fill(~allowed, torch.finfo(torch.float32).min)
@@ -111,6 +118,68 @@ def test_scores_are_the_next_layers_attention_weights():
         model.config._attn_implementation = "sdpa"
     expected = weights[0][:, queries].mean(0).mean(0)
     assert (scores - expected).abs().max().item() < 1e-6
+
+
+def test_batched_scores_equal_each_row_alone():
+    """One pass scores a padded batch as each sample alone would be scored, with one query or several (training)."""
+    model = build_tiny_model(seed=3).model
+    layer, rotary = model.layers[2], model.rotary_emb
+    generator = torch.Generator().manual_seed(1)
+    hidden_states = torch.randn(2, 12, model.config.hidden_size, generator=generator)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :3] = False  # row 1: left padding
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    query_index = torch.tensor([[9, 11], [11, 0]])
+    query_valid = torch.tensor([[True, True], [True, False]])  # row 1 has one query, padded
+    batched = visual_token_scores(layer, rotary, hidden_states, positions, valid, query_index, query_valid)
+    for row, count in enumerate((2, 1)):
+        alone = visual_token_scores(layer, rotary, hidden_states[row : row + 1], positions[row : row + 1],
+                                    valid[row : row + 1], query_index[row : row + 1, :count])
+        assert (batched[row] - alone[0]).abs().max().item() < 1e-7
+    # the closing stage's rotary embeddings, when passed, stand in for computing them again
+    given = visual_token_scores(layer, rotary, hidden_states, positions, valid, query_index, query_valid,
+                                position_embeddings=rotary(hidden_states, positions))
+    assert torch.equal(given, batched)
+
+
+def test_a_batch_picks_what_each_row_alone_picks_ties_included():
+    """topk over each row's own visual tokens, as the per-sample loop did: with tied scores (frequent in bfloat16) a
+    row of a batch keeps exactly the tokens it keeps alone."""
+    generator = torch.Generator().manual_seed(2)
+    visual = torch.rand(3, 40, generator=generator) < torch.tensor([[0.8], [0.5], [0.3]])
+    scores = torch.randint(0, 4, (3, 40), generator=generator).to(torch.bfloat16)  # many ties
+    counts = tuple(visual.sum(-1).tolist())
+    keeps = tuple(count // 3 for count in counts)
+    batched = top_visual_tokens(scores, visual, counts, keeps)
+    for row in range(3):
+        candidates = visual[row].nonzero().flatten()
+        expected = torch.zeros(40, dtype=torch.bool)
+        expected[candidates[scores[row][candidates].topk(keeps[row]).indices]] = True  # the per-sample rule
+        assert torch.equal(batched[row], expected)
+        alone = top_visual_tokens(scores[row : row + 1], visual[row : row + 1], counts[row : row + 1],
+                                  keeps[row : row + 1])
+        assert torch.equal(alone[0], expected)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "attention"])
+def test_drops_never_wait_for_the_device(kind):
+    """Shapes come from the host counts read once by start_bookkeeping: two drops run on meta tensors, which cannot
+    be read (an .item(), .tolist() or bool() of one raises), so nothing in them waits for an accelerator's queue."""
+    model = build_tiny_model(seed=3).model
+    layer, rotary = model.layers[2].to("meta"), model.rotary_emb.to("meta")
+    visual, valid, positions, hidden_states = two_rows()
+    hidden_states = hidden_states.expand(-1, -1, model.config.hidden_size)
+    host = start_bookkeeping(visual, valid)
+    drop = DropBookkeeping(query=host.query.to("meta"), valid=host.valid.to("meta"), visual=host.visual.to("meta"),
+                           num_visual=host.num_visual.to("meta"), kept_index=host.kept_index.to("meta"),
+                           real_counts=host.real_counts, visual_counts=host.visual_counts,
+                           first_visual_counts=host.first_visual_counts)
+    scorer = None if kind == "uniform" else partial(visual_token_scores, layer, rotary)
+    hidden_states, positions = hidden_states.to("meta"), positions.to("meta")
+    for ratio in (0.5, 0.25):
+        hidden_states, positions, drop = drop_visual_tokens(drop, hidden_states, positions, ratio, scorer)
+    # row 0: 2 text + int(6 / 4) = 1 visual; row 1: 3 text + int(3 / 4) = 0 visual
+    assert hidden_states.shape[:2] == (2, 3) and drop.real_counts == (3, 3) and drop.visual_counts == (1, 0)
 
 
 def test_decoding_follows_the_recorded_stages():

@@ -91,15 +91,18 @@ def run_linear(layer: nn.Module, hidden_states: torch.Tensor, extra_bias: torch.
     agree to rounding), ~1.2x faster where MKL's sgemm is not at the machine's peak (measured on AMD EPYC,
     `bench/bench_encode.py`). The oneDNN op has no backward and inductor cannot lower it, so with gradients on,
     under torch.compile, on other devices or dtypes, and for wrapped layers (PEFT, quantised subclasses) or offloaded
-    ones (weights on `meta` until accelerate's hook loads them in a call), the stock ops run.
+    ones (weights on `meta` until accelerate's hook loads them in a call), the stock ops run. A quantized weight
+    (torchao keeps the `nn.Linear` and swaps its weight for a tensor subclass, which reports the float dtype) has
+    kernels of its own: the layer's forward runs it.
     """
-    if type(layer) is nn.Linear and not layer.weight.is_meta:
+    weight = layer.weight if type(layer) is nn.Linear else None
+    if weight is not None and type(weight) in (nn.Parameter, torch.Tensor) and not weight.is_meta:
         bias = layer.bias if extra_bias is None else extra_bias if layer.bias is None else layer.bias + extra_bias
         if (_ONEDNN_LINEAR and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and hidden_states.device.type == "cpu" and hidden_states.dtype == layer.weight.dtype == torch.float32):
+                and hidden_states.device.type == "cpu" and hidden_states.dtype == weight.dtype == torch.float32):
             post_op, algorithm = ("gelu", "none") if gelu else ("none", "")
-            return torch.ops.mkldnn._linear_pointwise(hidden_states, layer.weight, bias, post_op, [], algorithm)
-        output = F.linear(hidden_states, layer.weight, bias)
+            return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, post_op, [], algorithm)
+        output = F.linear(hidden_states, weight, bias)
     else:
         output = layer(hidden_states) if extra_bias is None else layer(hidden_states) + extra_bias
     return F.gelu(output) if gelu else output
