@@ -72,10 +72,12 @@ def streamed_chat(model, tokenizer, media, question, history, max_num_frames):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     answer = ""
-    for piece in streamer:
-        answer += piece
-        yield answer, None
-    thread.join()
+    try:
+        for piece in streamer:
+            answer += piece
+            yield answer, None
+    finally:  # also when the client goes away mid-answer: the next request must not share the model with this one
+        thread.join()
     if "error" in result:
         raise gr.Error(str(result["error"]))
     yield result["answer"]

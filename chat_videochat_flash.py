@@ -130,16 +130,21 @@ class VideoChatFlashChatMixin:
     def _chat_video_tokens(self, video, processor, max_num_frames, backend, progress):
         """``(tokens (16 * T, hidden), metadata)`` of one video, kept per file for follow-up questions."""
         from .streaming_videochat_flash import encode_video_streaming
+        from .video_loading import is_remote
 
         if getattr(self, "_chat_feature_cache", None) is None:
             self.clear_chat_cache()
-        cache, key = self._chat_feature_cache, None
-        if isinstance(video, (str, os.PathLike)) and os.path.exists(video):
-            stat = os.stat(video)  # the file as it is now, the processor's settings and the model's dtype and device
+        cache, key, source = self._chat_feature_cache, None, None
+        if isinstance(video, str) and is_remote(video):
+            source = (video,)  # a URL as it is: its tokens are kept under it, so follow-ups fetch it no more
+        elif isinstance(video, (str, os.PathLike)) and os.path.exists(video):
+            stat = os.stat(video)  # the file as it is now
+            source = (os.path.realpath(video), getattr(video, "start", None), getattr(video, "end", None),
+                      stat.st_mtime_ns, stat.st_size)
+        if source is not None:  # ... with the processor's settings and the model's dtype and device
             weight = self.get_input_embeddings().weight
-            key = (os.path.realpath(video), getattr(video, "start", None), getattr(video, "end", None),
-                   stat.st_mtime_ns, stat.st_size, max_num_frames, backend,
-                   processor.video_processor.to_json_string(), weight.dtype, weight.device)
+            key = (*source, max_num_frames, backend, processor.video_processor.to_json_string(), weight.dtype,
+                   weight.device)
             if key in cache:
                 cache.move_to_end(key)
                 return cache[key]

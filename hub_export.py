@@ -42,6 +42,7 @@ CODE_FILES = {
     "vision_tower/umt.py": "vision_tower_umt.py",
     "vision_tower/token_merging.py": "vision_tower_token_merging.py",
     "vision_tower/internvideo2.py": "vision_tower_internvideo2.py",
+    "vision_tower/visual_tokens.py": "vision_tower_visual_tokens.py",
     "processing_videochat_flash.py": "processing_videochat_flash.py",
     "video_loading.py": "video_loading.py",
     "frame_sampling.py": "frame_sampling.py",

@@ -7,7 +7,6 @@ published checkpoints' (``model.layers.N.*``, ``model.vision_tower.vision_tower.
 """
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +27,8 @@ from .chat_videochat_flash import VideoChatFlashChatMixin
 from .configuration_videochat_flash import CACHE_KWARG, VideoChatFlashConfig, VideoChatFlashQwenConfig
 from .pipeline_videochat_flash import VideoTextToTextPipeline  # noqa: F401 - imported so that saving copies the file
 from .token_dropping import decoding_stage, drop_stage, labels_at_kept_positions, prepare_dropping, record_stage
-from .vision_tower.token_merging import ToMeProjector
-from .vision_tower.internvideo2 import InternVideo2ViT, InternVideo2VisionTower, LayerScale
-from .vision_tower.umt import UMTVisionTower
+from .vision_tower.internvideo2 import InternVideo2ViT, LayerScale
+from .vision_tower.visual_tokens import build_projector, build_vision_tower, clip_tokens, tile_raster
 
 # On a CPU a vision-tower call runs fastest while its widest activation (the MLP's hidden layer) stays about the size
 # of a last-level cache: larger calls spill it (UMT-L float32 at 224 px: 8 clips per call 6% slower than 2), much
@@ -217,9 +215,9 @@ class VideoChatFlashPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """transformers' loading, then `use_int8_cpu_kernel` (a no-op unless torchao int8 weight-only layers load)."""
-        model = super().from_pretrained(*args, **kwargs)
-        use_int8_cpu_kernel(model)
-        return model
+        loaded = super().from_pretrained(*args, **kwargs)
+        use_int8_cpu_kernel(loaded[0] if isinstance(loaded, tuple) else loaded)  # (model, info): output_loading_info
+        return loaded
 
     def _apply(self, fn, *args, **kwargs):
         """nn.Module's moves and casts, but rotary frequencies stay float32 (as transformers builds them for any load
@@ -259,16 +257,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         self.layers = nn.ModuleList([VideoChatFlashDecoderLayer(config, index) for index in range(config.num_hidden_layers)])
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
-        vision = config.vision_config
-        tower = InternVideo2VisionTower if config.mm_vision_tower == "internvideo2" else UMTVisionTower
-        self.vision_tower = tower(
-            **{k: vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")},
-            image_size=vision["image_size"], num_frames=config.mm_local_num_frames,
-            select_layer=config.mm_vision_select_layer)
-        self.mm_projector = ToMeProjector(
-            mm_hidden_size=config.mm_hidden_size, hidden_size=config.hidden_size,
-            num_attention_heads=vision["num_attention_heads"], image_size=vision["image_size"],
-            patch_size=vision["patch_size"], tokens_per_frame=config.tokens_per_frame)
+        self.vision_tower, self.mm_projector = build_vision_tower(config), build_projector(config)
         self.gradient_checkpointing = False
         # Clips encoded per vision-tower call (None: `clips_per_tower_call` picks by device). Bounds activation memory
         # on long videos without changing results.
@@ -325,12 +314,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
         clip_frames, outputs = clips.shape[1], []
         for chunk in torch.split(clips, self.clips_per_tower_call * (self.config.mm_local_num_frames // clip_frames)):
             chunk = chunk.to(device=self.vision_tower_device, dtype=self.vision_tower_dtype)
-            features = self._run_vision_tower(chunk)  # (clips, frames * patches, width)
-            if clip_frames == 1:
-                outputs.append(self.mm_projector(features, compress=False))
-                continue
-            features = features.reshape(chunk.shape[0] * clip_frames, -1, features.shape[-1])
-            outputs.append(self.mm_projector(features, compress=True, local_num_frames=clip_frames))
+            outputs.append(clip_tokens(self.mm_projector, self._run_vision_tower(chunk), clip_frames))
         return torch.cat(outputs)
 
     def _run_vision_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -383,9 +367,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
             raise ValueError(f"image_grids={grids.tolist()} make {sum(counts)} tiles, pixel_values has {len(pixel_values)}")
         features = []
         for tokens, (rows, cols) in zip(self.encode_clips(pixel_values[:, None]).split(counts), grids.tolist()):
-            side, width = math.isqrt(tokens.shape[1]), tokens.shape[-1]  # 8 x 8 tokens per tile
-            grid = tokens[1:].reshape(rows, cols, side, side, width).transpose(1, 2).reshape(-1, width)
-            features.append(torch.cat([tokens[0], grid]))
+            features.append(tile_raster(tokens, rows, cols))
         return BaseModelOutputWithPooling(pooler_output=tuple(features)) if return_dict else tuple(features)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):

@@ -14,7 +14,6 @@ Registered by the plugin (:func:`vllm_videochat_flash.register`) under both arch
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import cached_property
@@ -37,9 +36,7 @@ from vllm.sequence import IntermediateTensors
 
 from .configuration_videochat_flash import VideoChatFlashConfig
 from .processing_videochat_flash import VideoChatFlashImageProcessor, VideoChatFlashVideoProcessor, grid_pinpoints
-from .vision_tower.internvideo2 import InternVideo2VisionTower
-from .vision_tower.token_merging import ToMeProjector
-from .vision_tower.umt import UMTVisionTower
+from .vision_tower.visual_tokens import build_projector, build_vision_tower, clip_tokens, tile_raster
 from .vllm_videochat_flash import WEIGHT_PREFIXES, max_video_frames, padded_frame_count, video_prompt_text
 
 logger = init_logger(__name__)
@@ -192,23 +189,6 @@ def _visual_tokens_only(updates: Mapping[str, list[Sequence]]) -> dict[str, list
 
 
 # ---------------------------------------------------------------------------------------------------- model
-def build_vision_tower(config: VideoChatFlashConfig) -> nn.Module:
-    """The checkpoint's vision tower, as the package's model builds it."""
-    vision = config.vision_config
-    tower = InternVideo2VisionTower if config.mm_vision_tower == "internvideo2" else UMTVisionTower
-    return tower(**{k: vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")},
-                 image_size=vision["image_size"], num_frames=config.mm_local_num_frames,
-                 select_layer=config.mm_vision_select_layer)
-
-
-def build_projector(config: VideoChatFlashConfig) -> ToMeProjector:
-    """The ToMe projector (16 tokens per frame, 64 per image tile), as the package's model builds it."""
-    vision = config.vision_config
-    return ToMeProjector(mm_hidden_size=config.mm_hidden_size, hidden_size=config.hidden_size,
-                         num_attention_heads=vision["num_attention_heads"], image_size=vision["image_size"],
-                         patch_size=vision["patch_size"], tokens_per_frame=config.tokens_per_frame)
-
-
 @MULTIMODAL_REGISTRY.register_processor(VideoChatFlashMultiModalProcessor, info=VideoChatFlashProcessingInfo,
                                         dummy_inputs=VideoChatFlashDummyInputsBuilder)
 class VideoChatFlashForVLLM(nn.Module, SupportsMultiModal, SupportsPP):
@@ -248,12 +228,7 @@ class VideoChatFlashForVLLM(nn.Module, SupportsMultiModal, SupportsPP):
         dtype = next(self.vision_tower.parameters()).dtype
         outputs = []
         for chunk in torch.split(clips.to(dtype), TOWER_CLIPS_PER_CALL):
-            features = self.vision_tower(chunk)  # (clips, frames * patches, width)
-            if chunk.shape[1] == 1:
-                outputs.append(self.mm_projector(features, compress=False))
-                continue
-            features = features.reshape(chunk.shape[0] * chunk.shape[1], -1, features.shape[-1])
-            outputs.append(self.mm_projector(features, compress=True, local_num_frames=chunk.shape[1]))
+            outputs.append(clip_tokens(self.mm_projector, self.vision_tower(chunk), chunk.shape[1]))
         return torch.cat(outputs)
 
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -266,10 +241,7 @@ class VideoChatFlashForVLLM(nn.Module, SupportsMultiModal, SupportsPP):
         """`(1 + rows * cols, 3, S, S)` tiles -> the base's 64 tokens, then the tiles' as one `(rows * 8, cols * 8)`
         raster (the package model's ``get_image_features``)."""
         rows, cols = (int(n) for n in grid)
-        tokens = self.encode_clips(tiles[:, None])
-        side, width = math.isqrt(tokens.shape[1]), tokens.shape[-1]
-        raster = tokens[1:].reshape(rows, cols, side, side, width).transpose(1, 2).reshape(-1, width)
-        return torch.cat([tokens[0], raster])
+        return tile_raster(self.encode_clips(tiles[:, None]), rows, cols)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         embeddings: list[torch.Tensor] = []

@@ -267,11 +267,12 @@ def test_unknown_models_give_one_line_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the shipped code
 def test_hub_code_is_small_flat_and_acyclic(exported):
-    """The remote code of a Hub folder (not its deploy files): at most 4,000 lines (3,000 when one path per concept was
+    """The remote code of a Hub folder (not its deploy files): at most 4,050 lines (3,000 when one path per concept was
     set up; image tiles, the InternVideo2 tower, placeholder ids from the tokenizer, segments / frame folders / GIFs
     added ~550, decoder layers in pieces for long sequences ~65, inputs from URLs, data URLs, bytes and files ~120,
     ATen's int8 kernel for torchao decode steps ~50, batched token dropping without device waits ~100, pixels made on
-    an accelerator, bit-exact with Pillow, ~120), no
+    an accelerator, bit-exact with Pillow, ~120, the visual side's builders shared with the vLLM plugin ~35, which
+    leaves the plugin as much shorter), no
     function over 80 lines, flat single-dot relative imports of sibling files only; and no import cycle among this
     package's modules."""
     import ast
@@ -288,7 +289,7 @@ def test_hub_code_is_small_flat_and_acyclic(exported):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1 and (exported["folder"] / f"{node.module}.py").is_file(), (path.name, node.module)
     print(f"\nHub code: {sum(lengths.values())} lines in {len(files)} files; longest function {max(longest)}")
-    assert sum(lengths.values()) <= 4000, lengths
+    assert sum(lengths.values()) <= 4050, lengths
     assert max(longest)[0] <= 80, sorted(longest)[-5:]
 
     graph = {}  # each module of the package (dotted, relative to the repo root) -> the package modules it imports

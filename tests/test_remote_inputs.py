@@ -22,6 +22,7 @@ from media import encode, image, pattern
 
 import videochat_flash.video_loading as vl
 from videochat_flash.tiny_model import build_tiny_model, tiny_processor
+from videochat_flash import video_loading
 from videochat_flash.video_loading import VideoSegment, fetch_media, is_still_image, iter_video_chunks, load_video
 
 QUESTION = "What is moving in the video?"
@@ -125,6 +126,19 @@ def test_chat_takes_every_source(media):
                                 generation_config=config, processor=processor)
             assert answer == expected, (kind, name)
         print(f"\nchat() about the {kind}: {expected!r} from the path and from each remote source", end="")
+
+
+def test_chat_follow_ups_about_a_url_fetch_it_once(media):
+    """chat() keeps a URL's visual tokens under the URL: a follow-up question neither downloads nor encodes again."""
+    model, processor = build_tiny_model(seed=1), tiny_processor()
+    url, fetches = f"{media['base']}/clip.mp4", []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(video_loading, "fetch_media", lambda source: fetches.append(source) or fetch_media(source))
+        answer, history = model.chat(url, processor.tokenizer, QUESTION, generation_config={"max_new_tokens": 4},
+                                     processor=processor)
+        model.chat(url, processor.tokenizer, "And then?", chat_history=history, generation_config={"max_new_tokens": 4},
+                   processor=processor)
+    assert fetches == [url] and len(model._chat_feature_cache) == 1
 
 
 def _free_port() -> int:
