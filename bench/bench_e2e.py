@@ -215,7 +215,7 @@ def answer(model, clock: StageClock, ids, features, new_tokens: int, start: floa
     done = time.perf_counter()
     clock.add("prefill", tokens.first_token - encoded)
     clock.add("decode tokens", done - tokens.first_token)
-    return {"first token": tokens.first_token - start, "answer": done - start}
+    return {"encode": encoded - start, "first token": tokens.first_token - start, "answer": done - start}
 
 
 # ------------------------------------------------------------------------------------------------ the two ways
@@ -312,10 +312,38 @@ def best_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def print_split(name: str, walls: dict, seconds: dict) -> None:
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by device name: what "% of peak" is counted against
+DENSE_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+
+def tower_flops(tower, frames: int) -> float:
+    """FLOPs (2 per multiply-add) of the tower's blocks over `frames` frames, clip by clip: per block and clip of
+    N tokens of width C and MLP width H, 2N * 4C^2 (q, k, v, output projections) + 2N * 2CH (MLP) + 2 * 2N^2 C
+    (attention scores and their weighted sum); patch embedding, norms and softmax left out (under 1%)."""
+    tokens, width = tower.num_patches_per_frame * tower.num_frames, tower.hidden_size
+    per_clip = 2 * tokens * 4 * width**2 + 2 * tokens * 2 * width * tower.intermediate_size + 4 * tokens**2 * width
+    return tower.num_blocks * per_clip * frames / tower.num_frames
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None) -> float | None:
+    if given is not None or device.type != "cuda" or dtype != torch.bfloat16:
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DENSE_BF16_TFLOPS.items() if key in name), None)
+
+
+def print_split(name: str, walls: dict, seconds: dict, flops: float | None = None, peak: float | None = None):
+    """The walls and busy seconds of a run; with the tower's `flops`, its rate (and share of the `peak` TFLOP/s)
+    and how busy it kept the encode phase (decoding hidden behind it: near 100%)."""
     stages = ", ".join(f"{stage} {seconds.get(stage, 0.0):.2f}" for stage in STAGES)
     print(f"  {name:22s} first token {walls['first token']:8.2f} s, answer {walls['answer']:8.2f} s  |  {stages}",
           flush=True)
+    if flops and seconds.get("tower"):
+        rate = flops / seconds["tower"] / 1e12
+        share = f" = {100 * rate / peak:.0f}% of the {peak:.0f} TFLOP/s dense peak" if peak else ""
+        print(f"  {'':22s} tower {flops / 1e12:.1f} TFLOP at {rate:.2f} TFLOP/s{share}; tower busy "
+              f"{100 * seconds['tower'] / walls['encode']:.0f}% of the encode phase ({walls['encode']:.2f} s)",
+              flush=True)
 
 
 def print_ratios(label: str, reference: tuple, other: tuple) -> None:
@@ -384,7 +412,8 @@ def run_case(args, device, shape: str, size: int, frames: int, video: str) -> No
         for way in ways:
             runner = run_original if way == "original" else run_ours
             runs[(way, name)] = runner(model, video, frames, args.new_tokens, device)
-            print_split(f"{way} {name}", *runs[(way, name)])
+            print_split(f"{way} {name}", *runs[(way, name)], flops=tower_flops(model.model.vision_tower, frames),
+                        peak=peak_tflops(device, run_dtype, args.peak_tflops))
         del model
     print("  ratios (the original's way / ours; > 1: ours is faster):", flush=True)
     reference = runs.get(("original", args.dtype))
@@ -404,6 +433,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs="+", default=[448], choices=[224, 448])
     parser.add_argument("--shape", nargs="+", default=["2B"], choices=list(SHAPES))
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak for the tower's share (default: known CUDA devices, bf16)")
     parser.add_argument("--no-original", dest="original", action="store_false", help="ours only")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="measure first calls too")
     parser.add_argument("--loader-only", action="store_true", help="only the loader's CPU work, no model")

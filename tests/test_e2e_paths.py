@@ -129,7 +129,8 @@ def test_end_to_end_benchmark_runs_on_a_tiny_shape(clip):
     """bench/bench_e2e.py on the tiny shape and a short clip: both ways, the split and the ratios."""
     result = subprocess.run(
         [sys.executable, str(Path(REPO_ROOT) / "bench" / "bench_e2e.py"), "--shape", "tiny", "--size", "224",
-         "--frames", "64", "--new-tokens", "3", "--video", clip, "--best-dtype", "none", "--no-warmup"],
+         "--frames", "64", "--new-tokens", "3", "--video", clip, "--best-dtype", "none", "--no-warmup",
+         "--peak-tflops", "1"],
         capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -137,3 +138,6 @@ def test_end_to_end_benchmark_runs_on_a_tiny_shape(clip):
         line = next(line for line in lines if line.strip().startswith(way))
         assert "first token" in line and all(stage in line for stage in ("open+probe", "tower", "decode tokens"))
     assert any("original float32 / ours float32: first token" in line for line in lines)
+    # the tower's FLOP rate (against a given peak) and how busy it kept the encode phase, for each way
+    assert sum("TFLOP/s = " in line and "% of the 1 TFLOP/s dense peak" in line and "of the encode phase" in line
+               for line in lines) == 2, result.stdout[-2000:]
