@@ -136,7 +136,8 @@ class VideoChatFlashChatMixin:
             self.clear_chat_cache()
         cache, key, source = self._chat_feature_cache, None, None
         if isinstance(video, str) and is_remote(video):
-            source = (video,)  # a URL as it is: its tokens are kept under it, so follow-ups fetch it no more
+            # a URL as it is (and a segment's seconds): its tokens are kept under it, so follow-ups fetch it no more
+            source = (str(video), getattr(video, "start", None), getattr(video, "end", None))
         elif isinstance(video, (str, os.PathLike)) and os.path.exists(video):
             stat = os.stat(video)  # the file as it is now
             source = (os.path.realpath(video), getattr(video, "start", None), getattr(video, "end", None),

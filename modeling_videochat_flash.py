@@ -163,8 +163,8 @@ def _int8_linear(layer: nn.Linear, stock_forward, hidden_states: torch.Tensor) -
     eager path converts the whole int8 weight to bfloat16 per call instead), anything else through `stock_forward`."""
     rows, weight = hidden_states.numel() // hidden_states.shape[-1], layer.weight
     if (rows > INT8_KERNEL_MAX_ROWS or hidden_states.dtype != torch.bfloat16 or hidden_states.device.type != "cpu"
-            or weight.device.type != "cpu" or torch.is_grad_enabled()):
-        return stock_forward(hidden_states)
+            or weight.device.type != "cpu" or torch.is_grad_enabled() or not hasattr(weight, "qdata")):
+        return stock_forward(hidden_states)  # (a weight swapped since: its own forward)
     output = torch.ops.aten._weight_int8pack_mm(hidden_states.reshape(rows, -1), weight.qdata,
                                                  weight.scale.reshape(-1).to(torch.bfloat16))
     output = output.reshape(*hidden_states.shape[:-1], -1)
@@ -182,9 +182,10 @@ def use_int8_cpu_kernel(model: nn.Module) -> int:
     count = 0
     for layer in model.modules():
         weight = getattr(layer, "weight", None)
+        # (layers under accelerate's hooks keep their forward: the hooks move offloaded weights in around it)
         if (isinstance(layer, nn.Linear) and isinstance(weight, Int8Tensor) and weight.act_quant_kwargs is None
                 and weight.act_pre_scale is None and tuple(weight.block_size) == (1, weight.shape[-1])
-                and not hasattr(layer, "_stock_forward")):
+                and not hasattr(layer, "_stock_forward") and not hasattr(layer, "_hf_hook")):
             layer._stock_forward = layer.forward
             layer.forward = functools.partial(_int8_linear, layer, layer._stock_forward)
             count += 1
@@ -523,7 +524,7 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
             stage = stage_layers.index(layer_index + 1) + 1
             if drop is not None:  # prefill: drop visual tokens now
                 hidden_states, positions, drop = drop_stage(self.config, self.layers, self.rotary_emb, stage, drop,
-                                                            hidden_states, positions)
+                                                            hidden_states, positions, position_embeddings)
                 if state is not None:
                     record_stage(state, stage, drop)
                 stage_key_mask = drop.valid

@@ -13,9 +13,10 @@ the layers of that stage never see the others. The tokens are chosen
 The kept sequences are right-aligned (left padding, so generation can append to them) and renumbered without holes.
 Dropping happens in the prefill only; cached decoding steps follow the `VisualTokenDropState` stored on the cache.
 
-A drop is a fixed handful of batched tensor ops, whatever the batch: the row counts that set shapes are read to the
-host once per prefill (`start_bookkeeping`), so on an accelerator the drops queue behind the layers instead of
-waiting for them (with per-sample loops, each sample's `nonzero` / `topk(int(...))` stalled the queue).
+A drop is a handful of batched tensor ops per group of rows of equal sizes (rows of one video share one): at inference
+the row counts that set shapes are read to the host once per prefill (`start_bookkeeping`), so on an accelerator the
+drops queue behind the layers instead of waiting for them (with per-sample loops, each sample's `nonzero` /
+`topk(int(...))` stalled the queue); training reads each drop's answer counts as well.
 """
 
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class VisualTokenDropState:
 class DropBookkeeping:
     """Per-sample bookkeeping of one prefill's drops; every `(batch, len)` tensor is aligned with the current stage's
     hidden states (`len` shrinks at each drop). The counts that set tensor shapes are also kept on the host (read
-    once, at the start), so the drops never wait for the device."""
+    once, at the start), so the drops of an inference prefill never wait for the device."""
 
     query: torch.Tensor  # (batch, len) bool: the token whose attention ranks the visual tokens at inference
     valid: torch.Tensor  # (batch, len) bool: real tokens (False for padding)
@@ -79,7 +80,7 @@ def prepare_dropping(config, visual, key_mask, cache, use_cache, labels, drop_qu
         return None, state
     valid = key_mask[:, -visual.shape[1] :] if key_mask is not None else torch.ones_like(visual)
     drop = start_bookkeeping(visual, valid, labels, drop_query_position)
-    if not any(drop.visual_counts):
+    if drop is None:
         return None, state  # decoding (or text only): positions follow the cache's earlier drops, if any
     if cache is not None and cache.get_seq_length() > 0:  # a drop renumbers the whole sequence: the prefix went in
         raise ValueError("in-LLM visual token dropping needs the visual tokens in the first forward pass of a "
@@ -91,18 +92,21 @@ def prepare_dropping(config, visual, key_mask, cache, use_cache, labels, drop_qu
     return drop, state
 
 
-def start_bookkeeping(visual, valid, labels=None, drop_query_position=None) -> DropBookkeeping:
+def start_bookkeeping(visual, valid, labels=None, drop_query_position=None) -> DropBookkeeping | None:
     """Bookkeeping of the input: `(batch, seq)` visual and valid masks, labels only when training. The query is
     `drop_query_position` (an index, or `(batch,)` indices) or else each row's last real token. Reads the row counts
-    to the host: the one wait for the device of a prefill's drops."""
+    to the host: the one wait for the device of a prefill's drops at inference. None when there are no visual
+    tokens (a decoding step, or text only), whatever `drop_query_position` says."""
     (batch, length), device = visual.shape, visual.device
+    visual = visual & valid
+    num_visual = visual.sum(-1)
+    real_counts, visual_counts = (tuple(row) for row in torch.stack([valid.sum(-1), num_visual]).tolist())
+    if not any(visual_counts):
+        return None
     query_index = (length - 1 - valid.flip(-1).long().argmax(-1) if drop_query_position is None
                    else torch.as_tensor(drop_query_position, device=device).expand(batch))
     query = torch.zeros_like(valid)
     query[torch.arange(batch, device=device), query_index] = True
-    visual = visual & valid
-    num_visual = visual.sum(-1)
-    real_counts, visual_counts = (tuple(row) for row in torch.stack([valid.sum(-1), num_visual]).tolist())
     return DropBookkeeping(query=query, valid=valid, visual=visual, num_visual=num_visual,
                            kept_index=torch.arange(length, device=device).expand(batch, -1), labels=labels,
                            real_counts=real_counts, visual_counts=visual_counts, first_visual_counts=visual_counts)
@@ -227,21 +231,20 @@ def select_visual_tokens(drop, hidden_states, positions, ratio, scorer=None):
     a uniform stage, else `scorer(hidden_states, positions, valid, query_index, query_valid)` giving `(batch, len)`
     scores (see `score_queries`) whose top ones win. A training sample without an answer keeps them all, as in the
     original. Batched: no per-sample device work, and at inference no wait for the device."""
-    counts = drop.visual_counts
+    counts, device = drop.visual_counts, drop.visual.device
     keep_counts = tuple(int(n * ratio) for n in drop.first_visual_counts)  # int(n * ratio), as the original
-    keep = (drop.num_visual.double() * ratio).long()
     if not any(counts):  # an earlier drop kept none
-        return torch.zeros_like(drop.visual), keep, keep_counts
+        return torch.zeros_like(drop.visual), host_to_device(keep_counts, device, torch.long), keep_counts
     if scorer is None:
-        by_rank = uniform_rank_mask(counts, keep_counts, drop.visual.device)
+        by_rank = uniform_rank_mask(counts, keep_counts, device)
         rank = (drop.visual.long().cumsum(-1) - 1).clamp(0, by_rank.shape[1] - 1)  # among the row's visual tokens
-        return drop.visual & by_rank.gather(1, rank), keep, keep_counts
+        return drop.visual & by_rank.gather(1, rank), host_to_device(keep_counts, device, torch.long), keep_counts
     query_index, query_valid, has_query = score_queries(drop)
-    if not all(has_query):  # training rows without an answer keep every visual token
-        keep_counts = tuple(k if ranked else n for k, n, ranked in zip(keep_counts, counts, has_query))
-        keep = torch.where(query_valid.any(-1), keep, drop.visual.sum(-1))
-    scores = scorer(hidden_states, positions, drop.valid, query_index, query_valid).expand(drop.visual.shape)
-    return top_visual_tokens(scores, drop.visual, counts, keep_counts), keep, keep_counts
+    # training rows without an answer keep every visual token
+    keep_counts = tuple(k if ranked else n for k, n, ranked in zip(keep_counts, counts, has_query))
+    scores = scorer(hidden_states, positions, drop.valid, query_index, query_valid)
+    selected = top_visual_tokens(scores, drop.visual, counts, keep_counts)
+    return selected, host_to_device(keep_counts, device, torch.long), keep_counts
 
 
 def drop_visual_tokens(drop, hidden_states, positions, ratio, scorer=None):

@@ -238,7 +238,7 @@ def cmd_chat(args) -> int:
     from .hub_export import resolve_model
 
     video = local_video(args.video)  # before torch is imported or any model loads
-    check_quantize(args.quantize, args.device)
+    check_quantize(args.quantize, args.device)  # (load_model checks again; here it fails before any download)
     with _bars_on_terminals_only():
         folder = resolve_model(args.model, cache_dir=args.cache_dir)
         if args.model == "tiny":

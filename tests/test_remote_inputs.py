@@ -139,6 +139,12 @@ def test_chat_follow_ups_about_a_url_fetch_it_once(media):
         model.chat(url, processor.tokenizer, "And then?", chat_history=history, generation_config={"max_new_tokens": 4},
                    processor=processor)
     assert fetches == [url] and len(model._chat_feature_cache) == 1
+    # a segment of the same URL is other tokens: cached beside the whole video's, not mistaken for them
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(video_loading, "fetch_media", lambda source: fetches.append(source) or fetch_media(source))
+        model.chat(url, processor.tokenizer, QUESTION, generation_config={"max_new_tokens": 4}, processor=processor,
+                   media_dict={"start": 0.0, "end": 1.0})
+    assert len(fetches) == 2 and len(model._chat_feature_cache) == 2
 
 
 def _free_port() -> int:

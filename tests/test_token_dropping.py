@@ -46,6 +46,13 @@ def test_bookkeeping_query_is_the_last_real_token_or_the_given_position():
     assert start_bookkeeping(visual, valid, drop_query_position=2).query.nonzero().tolist() == [[0, 2], [1, 2]]
 
 
+def test_no_visual_tokens_no_bookkeeping_whatever_the_query_position():
+    """A decoding step (one token) or a text-only forward: nothing to drop, even with a `drop_query_position` past
+    its end (generate passes it to every step)."""
+    step = torch.zeros(2, 1, dtype=torch.bool)
+    assert start_bookkeeping(step, torch.ones_like(step), drop_query_position=40) is None
+
+
 def test_training_queries_are_the_tokens_before_each_answer_span():
     visual, valid, _, _ = two_rows()
     assert score_queries(start_bookkeeping(visual, valid))[0].tolist() == [[7], [7]]  # inference: the last token
@@ -81,7 +88,7 @@ def test_uniform_drop_keeps_linspace_right_aligns_and_renumbers():
 
 def test_attention_drop_keeps_the_top_scores_in_original_order():
     visual, valid, positions, hidden_states = two_rows()
-    scores = torch.tensor([9, 1, 8, 2, 7, 3, 6, 9], dtype=torch.float32)  # the same for both rows
+    scores = torch.tensor([9, 1, 8, 2, 7, 3, 6, 9], dtype=torch.float32).expand(2, -1)  # both rows
     drop = start_bookkeeping(visual, valid)
     selected, keep, keep_counts = select_visual_tokens(drop, hidden_states, positions, 0.5, lambda *args: scores)
     assert selected.nonzero().tolist() == [[0, 2], [0, 4], [0, 6], [1, 4]] and keep.tolist() == [3, 1]
