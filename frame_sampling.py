@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CLIP_FRAMES", "FrameSampling", "time_message"]
+__all__ = ["CLIP_FRAMES", "FrameSampling", "round_down_to_clips", "round_up_to_clips", "time_message"]
 
 CLIP_FRAMES = 4  # frames per clip the model encodes together
 
@@ -34,11 +34,13 @@ def positive_rate(value: Any) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def _round_up(n: int) -> int:
+def round_up_to_clips(n: int) -> int:
+    """`n` frames rounded up to whole 4-frame clips (what the processor pads to)."""
     return -(-n // CLIP_FRAMES) * CLIP_FRAMES
 
 
-def _round_down(n: int) -> int:
+def round_down_to_clips(n: int) -> int:
+    """`n` frames rounded down to whole 4-frame clips, at least one clip."""
     return max(CLIP_FRAMES, n - n % CLIP_FRAMES)
 
 
@@ -121,12 +123,12 @@ class FrameSampling:
         if rate is None:
             raise ValueError(f"video_fps must be > 0, got {video_fps!r}")
         if self.num_frames is not None:
-            return _round_up(self.num_frames)
+            return round_up_to_clips(self.num_frames)
         seconds = float(total) / rate * (self.fps if self.fps is not None else 1.0)
         g = self.frames_multiple
         n = min(g * max(int(seconds // g), 1), self.max_num_frames)
         floor = self.min_num_frames if total >= self.min_num_frames else g * (total // g)
-        return _round_down(max(n, floor))
+        return round_down_to_clips(max(n, floor))
 
     def segment_indices(self, total_frames: int, video_fps: float, start: float | None = None,
                         end: float | None = None) -> tuple[list[int], float]:
@@ -165,15 +167,15 @@ class FrameSampling:
         ``min_num_frames`` and ``frames_multiple`` do not apply."""
         total = _count(total_frames)
         if self.num_frames is not None:
-            return _middle_indices(total, _round_up(self.num_frames))
+            return _middle_indices(total, round_up_to_clips(self.num_frames))
         if self.fps is None:
-            n = _round_up(total)
-            return _middle_indices(total, n if n <= self.max_num_frames else _round_down(self.max_num_frames))
+            n = round_up_to_clips(total)
+            return _middle_indices(total, n if n <= self.max_num_frames else round_down_to_clips(self.max_num_frames))
         rate = positive_rate(video_fps)
         if rate is None:
             raise ValueError(f"fps={self.fps} needs the frames' own rate: pass video_fps= (the metadata fps) "
                              f"for decoded frames, got video_fps={video_fps!r}")
-        return _middle_indices(total, _round_down(min(int(total / rate * self.fps), self.max_num_frames)))
+        return _middle_indices(total, round_down_to_clips(min(int(total / rate * self.fps), self.max_num_frames)))
 
 
 def time_message(duration: float, num_frames: int, frame_seconds: list[float] | None = None) -> str:

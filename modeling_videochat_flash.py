@@ -523,8 +523,8 @@ class VideoChatFlashModel(VideoChatFlashPreTrainedModel):
                 continue
             stage = stage_layers.index(layer_index + 1) + 1
             if drop is not None:  # prefill: drop visual tokens now
-                hidden_states, positions, drop = drop_stage(self.config, self.layers, self.rotary_emb, stage, drop,
-                                                            hidden_states, positions, position_embeddings)
+                hidden_states, positions, drop = drop_stage(self.config, self.layers, stage, drop, hidden_states,
+                                                            positions, position_embeddings)
                 if state is not None:
                     record_stage(state, stage, drop)
                 stage_key_mask = drop.valid

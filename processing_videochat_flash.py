@@ -31,8 +31,8 @@ from transformers.video_utils import make_batched_videos
 
 from .configuration_videochat_flash import MEDIA_MARKER
 from .frame_sampling import FrameSampling, time_message
-from .video_loading import (VideoSegment, fetch_media, is_remote, iter_video_chunks, load_video, parse_size,
-                            resize_frame, rgb_frame)
+from .video_loading import (VideoSegment, iter_video_chunks, load_video, local_media, parse_size, resize_frame,
+                            rgb_frame)
 
 logger = logging.get_logger(__name__)
 
@@ -327,7 +327,7 @@ class VideoChatFlashImageProcessor(BaseImageProcessor):
     def fetch_images(self, images):
         # URLs, data URLs, bytes and file objects through video_loading's one fetch (a size limit, errors naming them);
         # transformers' fetch_images calls this one for each item of a list
-        return super().fetch_images(fetch_media(images) if is_remote(images) else images)
+        return super().fetch_images(local_media(images))
 
     def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
         """Images (PIL, arrays, tensors, paths, URLs, bytes), one sample or a batch of samples (nested lists) ->
@@ -439,10 +439,8 @@ class VideoChatFlashVideoProcessor(VideoProcessorMixin, VideoChatFlashImageProce
             sampling=FrameSampling(**{name: options[name] for name in self.SAMPLING_OPTIONS}),
         )
         pixel_options = {name: options[name] for name in self.PIXEL_OPTIONS}
-        if on_device:
-            return metadata, (frames_to_pixels(frames_to_device(chunk, pixel_device), **pixel_options)
-                              for chunk in chunks)
-        return metadata, (frames_to_pixels(chunk, **pixel_options) for chunk in chunks)
+        return metadata, (frames_to_pixels(frames_to_device(chunk, pixel_device) if on_device else chunk,
+                                           **pixel_options) for chunk in chunks)
 
     def preprocess(self, videos, video_metadata=None, return_tensors=None, **kwargs) -> BatchFeature:
         """Videos (paths, URLs, bytes, decoded frames, nested lists of them) -> ``pixel_values_videos``,
@@ -471,7 +469,7 @@ def _fetched(videos):
     (URLs, strings, are fetched where they are read, their segments kept)."""
     if isinstance(videos, (list, tuple)):
         return [_fetched(video) for video in videos]
-    return fetch_media(videos) if is_remote(videos) and not isinstance(videos, str) else videos
+    return local_media(videos, urls=False)
 
 
 def _per_video(metadata, count: int) -> list:

@@ -204,7 +204,7 @@ def uniform_rank_mask(counts, keeps, device) -> torch.Tensor:
     mask = torch.zeros(len(counts), max(counts), dtype=torch.bool)
     for (count, keep), rows in rows_by_size(counts, keeps).items():
         mask[rows, uniform_choice(count, keep)[:, None]] = True
-    return mask.to(device, non_blocking=True)
+    return host_to_device(mask, device)
 
 
 def top_visual_tokens(scores, visual, counts, keeps) -> torch.Tensor:
@@ -234,16 +234,17 @@ def select_visual_tokens(drop, hidden_states, positions, ratio, scorer=None):
     counts, device = drop.visual_counts, drop.visual.device
     keep_counts = tuple(int(n * ratio) for n in drop.first_visual_counts)  # int(n * ratio), as the original
     if not any(counts):  # an earlier drop kept none
-        return torch.zeros_like(drop.visual), host_to_device(keep_counts, device, torch.long), keep_counts
-    if scorer is None:
+        selected = torch.zeros_like(drop.visual)
+    elif scorer is None:
         by_rank = uniform_rank_mask(counts, keep_counts, device)
         rank = (drop.visual.long().cumsum(-1) - 1).clamp(0, by_rank.shape[1] - 1)  # among the row's visual tokens
-        return drop.visual & by_rank.gather(1, rank), host_to_device(keep_counts, device, torch.long), keep_counts
-    query_index, query_valid, has_query = score_queries(drop)
-    # training rows without an answer keep every visual token
-    keep_counts = tuple(k if ranked else n for k, n, ranked in zip(keep_counts, counts, has_query))
-    scores = scorer(hidden_states, positions, drop.valid, query_index, query_valid)
-    selected = top_visual_tokens(scores, drop.visual, counts, keep_counts)
+        selected = drop.visual & by_rank.gather(1, rank)
+    else:
+        query_index, query_valid, has_query = score_queries(drop)
+        # training rows without an answer keep every visual token
+        keep_counts = tuple(k if ranked else n for k, n, ranked in zip(keep_counts, counts, has_query))
+        scores = scorer(hidden_states, positions, drop.valid, query_index, query_valid)
+        selected = top_visual_tokens(scores, drop.visual, counts, keep_counts)
     return selected, host_to_device(keep_counts, device, torch.long), keep_counts
 
 
@@ -278,14 +279,14 @@ def drop_visual_tokens(drop, hidden_states, positions, ratio, scorer=None):
     return take(hidden_states, None), take(new_positions, 0), kept_drop
 
 
-def drop_stage(config, layers, rotary_emb, stage, drop, hidden_states, positions, position_embeddings=None):
+def drop_stage(config, layers, stage, drop, hidden_states, positions, position_embeddings):
     """The drop that opens `stage` (1-based) of a model with decoder `layers`: `drop_visual_tokens` with the
     stage's ratio, scored (for attention stages) by the layer that comes next, with the closing stage's rotary
-    `(cos, sin)` of `positions` when given (else computed again)."""
+    `(cos, sin)` of `positions`."""
     scorer = None
     if stage_drop_type(config.llm_compress_type, stage) == "attention":
         next_layer = layers[config.llm_compress_layer_list[stage - 1]]  # layer n's successor scores the drop after n
-        scorer = partial(visual_token_scores, next_layer, rotary_emb, position_embeddings=position_embeddings)
+        scorer = partial(visual_token_scores, next_layer, None, position_embeddings=position_embeddings)
     return drop_visual_tokens(drop, hidden_states, positions, config.llm_image_token_ratio_list[stage], scorer)
 
 

@@ -400,8 +400,8 @@ def check_fsdp_support(records: list, model_config) -> None:
     same sharded modules in the same order, so a text-only sample (no vision tower on that rank) cannot be mixed in;
     attention-ranked token dropping calls the next decoder layer's norm and q/k projections outside that layer's
     forward, where FSDP2 holds their weights sharded. Uniform dropping and gradient checkpointing are fine."""
-    if text_only_records(records):
-        raise ValueError(f"FSDP: {text_only_records(records)} of {len(records)} training records have no video or "
+    if text_only := text_only_records(records):
+        raise ValueError(f"FSDP: {text_only} of {len(records)} training records have no video or "
                          "image; their steps would skip the vision tower on one rank while the others run it (FSDP "
                          "gathers its shards together). Train them with DDP, or leave them out")
     layers = getattr(model_config, "llm_compress_layer_list", None) or []

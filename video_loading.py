@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - exercised only without decord
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_FETCH_BYTES", "FetchedMedia", "VideoLoadMetadata", "VideoReadError", "VideoSegment",
            "available_backends", "fetch_media", "folder_frames", "is_remote", "is_still_image", "iter_video_chunks",
-           "load_video", "parse_size", "resize_frame", "rgb_frame"]
+           "load_video", "local_media", "parse_size", "resize_frame", "rgb_frame"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _TIMEOUTS_S = (20.0, 20.0)  # PyAV interrupts opening, and each blocking read, after this: broken input must not hang
@@ -108,7 +108,7 @@ class VideoSegment(str):
     does. Either end may be None (the video's start / end)."""
 
     def __new__(cls, path, start: float | None = None, end: float | None = None):
-        path = fetch_media(path) if is_remote(path) and not isinstance(path, str) else path  # bytes have no path
+        path = local_media(path, urls=False)  # bytes have no path
         segment = super().__new__(cls, os.fspath(path))
         segment.start, segment.end, segment.source = start, end, path  # (a local copy lives as long as its segment)
         return segment
@@ -194,6 +194,12 @@ def fetch_media(source) -> FetchedMedia:
     copy = FetchedMedia(path, name)
     weakref.finalize(copy, _remove, path)
     return copy
+
+
+def local_media(source, urls: bool = True):
+    """`source` itself, or its local copy (:func:`fetch_media`) when it is remote; with ``urls=False`` only bytes and
+    file objects are copied (a URL, a string, stays for where it is read: it travels, and keeps a segment, as one)."""
+    return fetch_media(source) if is_remote(source) and (urls or not isinstance(source, str)) else source
 
 
 def _open_source(source):
@@ -743,8 +749,7 @@ def _decord_chunks(vr, path: str, asm: _ChunkAssembler, src_hw, earlier: str | N
 def _classify_input(video) -> tuple[str, Any, str | None]:
     """``("file" | "gif", None, path)``, ``("folder", its frame paths, path)``, or ``("image" | "frames", a list or
     (T, H, W, 3) array of frames, path or None)``. Remote sources are fetched: the path is their local copy."""
-    if is_remote(video):
-        video = fetch_media(video)
+    video = local_media(video)
     if isinstance(video, (str, os.PathLike)):
         path = os.fsdecode(os.fspath(video))
         if not os.path.exists(path):

@@ -207,7 +207,7 @@ def local_video(video: str):
     packet probe, no decoding). Raises ``FileNotFoundError`` or ``ValueError`` with ``video_loading``'s messages."""
     from . import video_loading
 
-    video = video_loading.fetch_media(video) if video_loading.is_remote(video) else video
+    video = video_loading.local_media(video)
     kind, _, path = video_loading._classify_input(video)
     if kind == "file" and video_loading.av is not None:
         with warnings.catch_warnings():  # a damaged file warns again when it is loaded

@@ -12,10 +12,9 @@ transformers < 5.20), so its helpers are testable without vLLM.
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Any
 
-from .frame_sampling import CLIP_FRAMES, time_message
+from .frame_sampling import round_down_to_clips, round_up_to_clips, time_message
 
 # `architectures` of the published config.json files (and of this package's exported folders), then our class name
 ARCHITECTURES = ("VideoChatFlashQwenForCausalLM", "VideoChatFlashForCausalLM")
@@ -92,13 +91,13 @@ def video_prompt_text(num_frames: int, metadata: dict[str, Any] | None, video_to
 
 def max_video_frames(budget_tokens: int, tokens_per_frame: int = 16) -> int:
     """Most frames (a multiple of the 4-frame clip, at least one clip) whose visual tokens fit `budget_tokens`."""
-    return max(CLIP_FRAMES, budget_tokens // tokens_per_frame // CLIP_FRAMES * CLIP_FRAMES)
+    return round_down_to_clips(budget_tokens // tokens_per_frame)
 
 
 def padded_frame_count(num_frames: int) -> int:
     """Frames the video processor makes of `num_frames` decoded frames: a whole number of 4-frame clips (the last
     frame repeated)."""
-    return math.ceil(num_frames / CLIP_FRAMES) * CLIP_FRAMES
+    return round_up_to_clips(num_frames)
 
 
 # ---------------------------------------------------------------------------------------------------- videos

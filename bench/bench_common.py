@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -26,6 +27,31 @@ def peak_rss_kb() -> int:
         if sys.platform == "darwin":  # bytes there, kB on Linux
             peak //= 1024
     return peak
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where there is no /proc."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class TokenClock:
+    """A generate() streamer that notes when each new token arrives (``times``; its first `put` is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
 
 
 def write_test_video(path: str, size: tuple[int, int], fps: int, seconds: int, x264_options: dict,

@@ -39,11 +39,10 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling bench modules
 
-from bench_common import write_test_video
+from bench_common import TokenClock, available_memory_bytes, write_test_video
 from bench_encode import plain_tower
 from bench_video_io import original_frames, original_reader, pil_resize
 from videochat_flash import processing_videochat_flash as processing
@@ -189,21 +188,6 @@ def replaced(owner, name: str, value):
             delattr(owner, name)
 
 
-class TokenClock(BaseStreamer):
-    """When generate() hands out its first new token (its first put() is the prompt)."""
-
-    def __init__(self):
-        self.calls, self.first_token = 0, None
-
-    def put(self, value):
-        self.calls += 1
-        if self.calls == 2:
-            self.first_token = time.perf_counter()
-
-    def end(self):
-        pass
-
-
 def answer(model, clock: StageClock, ids, features, new_tokens: int, start: float) -> dict:
     """generate() on precomputed visual tokens; adds prefill and decode tokens to `clock`, returns the wall times."""
     tokens = TokenClock()
@@ -213,9 +197,10 @@ def answer(model, clock: StageClock, ids, features, new_tokens: int, start: floa
         model.generate(ids, mm_encoder_outputs=as_mm_encoder_outputs(features), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, streamer=tokens)
     done = time.perf_counter()
-    clock.add("prefill", tokens.first_token - encoded)
-    clock.add("decode tokens", done - tokens.first_token)
-    return {"encode": encoded - start, "first token": tokens.first_token - start, "answer": done - start}
+    first_token = tokens.times[0]
+    clock.add("prefill", first_token - encoded)
+    clock.add("decode tokens", done - first_token)
+    return {"encode": encoded - start, "first token": first_token - start, "answer": done - start}
 
 
 # ------------------------------------------------------------------------------------------------ the two ways
@@ -352,14 +337,6 @@ def print_ratios(label: str, reference: tuple, other: tuple) -> None:
     stages = ", ".join(f"{stage} {ref_seconds[stage] / seconds[stage]:.2f}x" for stage in STAGES
                        if seconds.get(stage) and ref_seconds.get(stage))
     print(f"  {label}: {ends}  |  per stage: {stages}", flush=True)
-
-
-def available_memory_bytes() -> int | None:
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def check_fits(config, dtype: torch.dtype, device: torch.device) -> str | None:

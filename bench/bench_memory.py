@@ -27,10 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
-from bench_common import peak_rss_kb, status_kb  # (bench/ is on sys.path when a bench runs as a script)
+from bench_common import TokenClock, available_memory_bytes, peak_rss_kb, status_kb  # (bench/ is on sys.path when a bench runs as a script)
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO.parent / "shared" / "golden" / "keys_VideoChat-Flash-Qwen2_5-2B_res448.json"
@@ -93,43 +92,24 @@ def write_original_checkpoint(folder: Path) -> Path:
 
 
 def write_clip(path: Path) -> Path:
-    """A short H.264 clip (8 frames at 4 fps): chat() samples all 8, encoded as two 4-frame clips at 448 px."""
-    import av
-    import numpy as np
+    """A short H.264 clip (8 frames at 4 fps, a bar moving right): chat() samples all 8, encoded as two 4-frame clips
+    at 448 px."""
+    if not path.exists():
+        import numpy as np
 
-    if path.exists():
-        return path
-    width, height = CLIP_SIZE
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(CLIP_FPS))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(CLIP_FRAMES):
+        sys.path.insert(0, str(REPO / "tests"))
+        from media import encode
+
+        def moving_bar(i, width, height):
             frame = np.zeros((height, width, 3), np.uint8)
-            frame[:, (i * 16) % width:(i * 16) % width + 24] = (255, 128, 0)  # a bar moving right
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            frame[:, (i * 16) % width:(i * 16) % width + 24] = (255, 128, 0)
+            return frame
+
+        encode(path, CLIP_FRAMES, *CLIP_SIZE, CLIP_FPS, frames=moving_bar)
     return path
 
 
 # ----------------------------------------------------------------------------------------------------- child
-class TokenClock:
-    """A generate() streamer that notes when each new token arrives (the first `put` is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value):
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self):
-        pass
-
-
 def child(args) -> None:
     import torch
     from transformers import AutoTokenizer
@@ -159,12 +139,6 @@ def child(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- parent
-def available_gb() -> float:
-    import psutil
-
-    return psutil.virtual_memory().available / 1024**3
-
-
 def run_config(name: str, folder: Path, video: Path, new_tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--folder", str(folder), "--video", str(video),
            "--new-tokens", str(new_tokens)]
@@ -207,7 +181,8 @@ def main() -> None:
     print("-" * len(header))
     results = {}
     for name in names:
-        if (free := available_gb()) < args.min_free_gb:
+        free = available_memory_bytes()
+        if free is not None and (free := free / 1024**3) < args.min_free_gb:  # (no /proc: not checked)
             raise SystemExit(f"only {free:.1f} GB available, {args.min_free_gb} GB wanted for {name}: "
                              "wait for other jobs (or lower --min-free-gb)")
         r = results[name] = run_config(name, folder, video, args.new_tokens)

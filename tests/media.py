@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import json
+import socket
 import struct
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -130,3 +135,29 @@ def colour_dataset(root) -> dict:
     (root / "train.json").write_text(json.dumps(records))
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return {"root": root, "records": records, "answers": [f"It is {name}." for name in COLORS]}
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server the test starts, or a URL that must fail)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """http.server's file handler without request lines on stderr."""
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(root, handler=QuietHandler):
+    """``http://127.0.0.1:PORT`` serving the files of `root` (a thread of this process) while the block runs."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=root))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tomllib
 from conftest import REPO_ROOT
-from media import encode
+from media import encode, free_port
 
 from videochat_flash import videochat_flash_cli
 from videochat_flash.hub_export import AUTO_MAP, DEFAULT_MODEL_ID
@@ -62,11 +62,7 @@ def test_chat_with_a_folder_prints_the_answer_and_a_bar_on_terminals_only(tiny_d
 
 
 def _unreachable_url() -> str:
-    import socket
-
-    with socket.socket() as probe:  # a loopback port nothing listens on: no network is touched
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}/clip.mp4"
+    return f"http://127.0.0.1:{free_port()}/clip.mp4"  # a loopback port nothing listens on: no network is touched
 
 
 def test_chat_names_an_unreachable_url(tiny_dir):

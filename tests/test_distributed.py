@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO_ROOT
-from media import COLOR_QUESTION, colour_dataset
+from media import COLOR_QUESTION, colour_dataset, free_port
 from safetensors import safe_open
 
 from videochat_flash.data_videochat_flash import VideoChatFlashTrainingDataset, load_records
@@ -116,18 +115,12 @@ class Launch:
         return self.everything()[-4000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def launch(tmp_path, config: dict, entry=TRAINING_MODULE, accelerate: tuple | None = None, name="run") -> Launch:
     """Two CPU processes on `config`: ``torchrun --nproc_per_node 2`` (per-rank logs), or ``accelerate launch
     --num_processes 2`` with the `accelerate` options; `entry` is what they run (a module or a script)."""
     path, logs = tmp_path / f"{name}.yaml", tmp_path / f"{name}_logs"
     path.write_text(yaml.safe_dump(config))
-    port = str(_free_port())
+    port = str(free_port())
     if accelerate is None:
         launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                     "--master_port", port, "--log-dir", str(logs), "--redirects", "3"]

@@ -5,20 +5,16 @@ errors are one line naming the source, never its bytes; local copies are removed
 from __future__ import annotations
 
 import base64
-import functools
 import gc
 import glob
-import http.server
 import io
 import os
-import socket
 import tempfile
-import threading
 
 import numpy as np
 import pytest
 import torch
-from media import encode, image, pattern
+from media import encode, free_port, image, pattern, serve_folder
 
 import videochat_flash.video_loading as vl
 from videochat_flash.tiny_model import build_tiny_model, tiny_processor
@@ -28,24 +24,15 @@ from videochat_flash.video_loading import VideoSegment, fetch_media, is_still_im
 QUESTION = "What is moving in the video?"
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # no request lines on stderr
-        pass
-
-
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     """A clip and a photo, their bytes, and a loopback HTTP server serving their folder."""
     root = tmp_path_factory.mktemp("remote")
     clip = encode(root / "clip.mp4", 24, 96, 64, fps=8)
     photo = image(root / "photo.png", pattern(3, 90, 60))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=root))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_port}"
-    yield {"clip": clip, "photo": photo, "base": base, "root": root,
-           "clip_bytes": open(clip, "rb").read(), "photo_bytes": open(photo, "rb").read()}
-    server.shutdown()
-    server.server_close()
+    with serve_folder(root) as base:
+        yield {"clip": clip, "photo": photo, "base": base, "root": root,
+               "clip_bytes": open(clip, "rb").read(), "photo_bytes": open(photo, "rb").read()}
 
 
 def sources(media, kind: str) -> dict:
@@ -147,14 +134,8 @@ def test_chat_follow_ups_about_a_url_fetch_it_once(media):
     assert len(fetches) == 2 and len(model._chat_feature_cache) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_an_unreachable_url_is_a_one_line_error_naming_it():
-    url = f"http://127.0.0.1:{_free_port()}/clip.mp4"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}/clip.mp4"  # nothing listens there
     for load in (load_video, tiny_processor().video_processor):
         with pytest.raises(ValueError) as error:
             load(url)

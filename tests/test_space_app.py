@@ -5,18 +5,14 @@ which must not be blank. Nothing leaves 127.0.0.1 (Chromium resolves no other ho
 
 from __future__ import annotations
 
-import functools
-import http.server
 import importlib.util
 import shutil
-import socket
 import subprocess
-import threading
 
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from media import band, encode
+from media import QuietHandler, band, encode, free_port, serve_folder
 from PIL import Image
 
 from videochat_flash.hub_export import make_tiny_folder
@@ -27,21 +23,12 @@ CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", 
             "--virtual-time-budget=20000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class CountingHandler(http.server.SimpleHTTPRequestHandler):
+class CountingHandler(QuietHandler):
     requests: list[str] = []
 
     def do_GET(self):  # noqa: N802 - http.server's name
         CountingHandler.requests.append(self.path)
         super().do_GET()
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +46,15 @@ def space(tmp_path_factory):
     encode_video = model.model.get_video_features  # (the causal LM's get_video_features is a property: this)
     model.model.get_video_features = lambda *args, **kwargs: encodings.append(1) or encode_video(*args, **kwargs)
     demo = app.build_demo(model, tokenizer, fetch)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=root))
-    threading.Thread(target=files.serve_forever, daemon=True).start()
     from gradio_client import Client
 
-    yield {"url": f"http://127.0.0.1:{port}/", "client": Client(f"http://127.0.0.1:{port}/", verbose=False),
-           "model": model, "tokenizer": tokenizer, "clip": clip, "encodings": encodings,
-           "link": f"http://127.0.0.1:{files.server_port}/clip.mp4"}
+    with serve_folder(root, CountingHandler) as files:
+        yield {"url": f"http://127.0.0.1:{port}/", "client": Client(f"http://127.0.0.1:{port}/", verbose=False),
+               "model": model, "tokenizer": tokenizer, "clip": clip, "encodings": encodings,
+               "link": f"{files}/clip.mp4"}
     demo.close()
-    files.shutdown()
-    files.server_close()
 
 
 def _ask(space, question, messages, video=None, link="", dropping=False):
